@@ -1,0 +1,87 @@
+"""The kernel API the models call. Each op has a PyTorch reference (`kernels/reference.py`)
+and may have a Triton kernel in `kernels/<op>.py` whose launcher has the same name and
+signature as the reference function.
+
+Backend (set once at start-up from `EngineConfig.kernel_backend`):
+- "auto": Triton for CUDA tensors, the reference for everything else;
+- "triton": Triton always (on a CPU box this needs TRITON_INTERPRET=1 before triton's import);
+- "torch": the reference always.
+Switching backends touches no model code.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+import torch
+
+from kernels import reference
+
+BACKENDS = ("auto", "triton", "torch")
+_backend = "auto"
+_triton_ops: dict[str, Callable | None] = {}
+
+
+def set_backend(name: str) -> None:
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"kernel backend must be one of {BACKENDS}, got {name!r}")
+    _backend = name
+
+
+def get_backend() -> str:
+    return _backend
+
+
+def _triton_op(name: str) -> Callable | None:
+    if name not in _triton_ops:
+        try:
+            module = importlib.import_module(f"kernels.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"kernels.{name}":
+                raise
+            module = None
+        _triton_ops[name] = getattr(module, name, None) if module else None
+    return _triton_ops[name]
+
+
+def _impl(name: str, x: torch.Tensor) -> Callable:
+    if _backend == "torch" or (_backend == "auto" and not x.is_cuda):
+        return getattr(reference, name)
+    op = _triton_op(name)
+    if op is None:
+        if _backend == "triton":
+            raise NotImplementedError(f"no Triton kernel for {name!r}; use --kernel-backend torch or auto")
+        return getattr(reference, name)
+    return op
+
+
+def rms_norm(x, weight, eps, residual=None):
+    return _impl("rms_norm", x)(x, weight, eps, residual)
+
+
+def silu_and_mul(x):
+    return _impl("silu_and_mul", x)(x)
+
+
+def rotary(q, k, cos, sin):
+    return _impl("rotary", q)(q, k, cos, sin)
+
+
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal, scale):
+    return _impl("varlen_attention", q)(q, k, v, cu_seqlens, max_seqlen, causal, scale)
+
+
+def write_kv(k, v, k_cache, v_cache, slot_mapping):
+    return _impl("write_kv", k)(k, v, k_cache, v_cache, slot_mapping)
+
+
+def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, max_query_len, max_seq_len, scale):
+    return _impl("paged_attention", q)(
+        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, max_query_len, max_seq_len, scale
+    )
+
+
+def merge_embeddings(inputs_embeds, mm_embeds, positions):
+    return _impl("merge_embeddings", inputs_embeds)(inputs_embeds, mm_embeds, positions)

@@ -1,0 +1,138 @@
+"""PyTorch reference of every kernel op. The Triton kernels are tested against these,
+and `dispatch` uses them on CPU tensors (or with `--kernel-backend torch`).
+
+Shape conventions (T tokens of a flattened batch, H heads, D head dim):
+- q: [T, Hq, D]; k, v: [T, Hkv, D]; Hq % Hkv == 0 (GQA).
+- k_cache, v_cache: [num_blocks, block_size, Hkv, D].
+- cos, sin: [T, D // 2], for the rotate-half layout (first half pairs with second half).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """y = x / rms(x) * weight, computed in float32. With `residual`: x = x + residual
+    first, and (y, x) is returned so the next layer gets the summed residual."""
+    if residual is not None:
+        x = x + residual
+        residual = x
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    out = weight * h.to(x.dtype)
+    return out if residual is None else (out, residual)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """[..., 2 * I] → [..., I]: silu(gate) * up, gate being the first half."""
+    d = x.shape[-1] // 2
+    return F.silu(x[..., :d]) * x[..., d:]
+
+
+def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Rotate q [T, Hq, D] and k [T, Hk, D] in place; cos/sin [T, D // 2] (float32 or the
+    dtype of q). Rotate-half layout: x1 = x[..., :D/2] pairs with x2 = x[..., D/2:]."""
+    for x in (q, k):
+        xf = x.float()
+        d = xf.shape[-1] // 2
+        x1, x2 = xf[..., :d], xf[..., d:]
+        c = cos.float().unsqueeze(1)
+        s = sin.float().unsqueeze(1)
+        out = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+        x.copy_(out.to(x.dtype))
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal_offset: int | None) -> torch.Tensor:
+    """q [Lq, Hq, D], k/v [Lk, Hk, D] → [Lq, Hq, D]. With causal_offset c, query i sees
+    keys j <= i + c."""
+    hq, hk = q.shape[1], k.shape[1]
+    if hq != hk:
+        k = k.repeat_interleave(hq // hk, dim=1)
+        v = v.repeat_interleave(hq // hk, dim=1)
+    qt, kt, vt = q.transpose(0, 1).float(), k.transpose(0, 1).float(), v.transpose(0, 1).float()
+    scores = torch.matmul(qt, kt.transpose(1, 2)) * scale  # [H, Lq, Lk]
+    if causal_offset is not None:
+        lq, lk = q.shape[0], k.shape[0]
+        i = torch.arange(lq, device=q.device).unsqueeze(1)
+        j = torch.arange(lk, device=q.device).unsqueeze(0)
+        scores = scores.masked_fill(j > i + causal_offset, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return torch.matmul(probs, vt).transpose(0, 1).to(q.dtype)
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    causal: bool,
+    scale: float,
+) -> torch.Tensor:
+    """Attention within each sequence of a concatenation: sequence i is rows
+    [cu_seqlens[i], cu_seqlens[i+1]) of q, k and v. Returns [T, Hq, D]."""
+    out = torch.empty_like(q)
+    bounds = cu_seqlens.tolist()
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        if e > s:
+            out[s:e] = _attend(q[s:e], k[s:e], v[s:e], scale, 0 if causal else None)
+    return out
+
+
+def write_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Scatter k/v [T, Hk, D] into the caches at flat slots block_id * block_size + offset."""
+    nb, bs, hk, d = k_cache.shape
+    k_cache.view(nb * bs, hk, d)[slot_mapping] = k.to(k_cache.dtype)
+    v_cache.view(nb * bs, hk, d)[slot_mapping] = v.to(v_cache.dtype)
+
+
+def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """The first seq_len cached rows of one request: [seq_len, Hk, D]."""
+    bs = cache.shape[1]
+    nblocks = (seq_len + bs - 1) // bs
+    return cache[block_table[:nblocks].long()].flatten(0, 1)[:seq_len]
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    max_query_len: int,
+    max_seq_len: int,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of a step's queries against the paged cache. Request i's queries are
+    q[query_start_loc[i]:query_start_loc[i+1]], the last tokens of its context of seq_lens[i]
+    tokens, all of whose K/V are already in the cache. Returns [T, Hq, D]."""
+    out = torch.empty_like(q)
+    starts = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    for i, seq_len in enumerate(lens):
+        s, e = starts[i], starts[i + 1]
+        if e == s:
+            continue
+        k = gather_kv(k_cache, block_tables[i], seq_len)
+        v = gather_kv(v_cache, block_tables[i], seq_len)
+        out[s:e] = _attend(q[s:e], k, v, scale, seq_len - (e - s))
+    return out
+
+
+def merge_embeddings(inputs_embeds: torch.Tensor, mm_embeds: torch.Tensor, positions: torch.Tensor) -> None:
+    """inputs_embeds [T, H] gets mm_embeds [M, H] at rows positions [M] (int64), in place."""
+    inputs_embeds[positions] = mm_embeds.to(inputs_embeds.dtype)

@@ -1,0 +1,95 @@
+"""EngineConfig and ServerConfig: built once (CLI flags over a model_configs YAML over
+defaults), validated, then read-only. Nothing deeper in the code reads the environment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str = ""  # a local checkpoint directory (resolved by the loader)
+    dtype: str = "auto"  # auto: float32 on CPU, the checkpoint's dtype on CUDA
+    device: str = "auto"  # auto: cuda if available, else cpu
+    kernel_backend: str = "auto"  # auto | triton | torch
+    seed: int = 0
+    # Paged KV cache.
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # None: derived from kv_cache_memory_gb
+    kv_cache_memory_gb: float = 1.0
+    enable_prefix_caching: bool = True
+    # Scheduling.
+    max_model_len: int | None = None  # None: the checkpoint's max_position_embeddings
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 64
+    # Encoder: at most this many encoder output rows computed per step, and cached at once.
+    max_encoder_tokens_per_step: int = 16384
+    encoder_cache_size: int = 32768
+    # Image processor overrides (None: the checkpoint's preprocessor_config.json).
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
+            raise ValueError(f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
+        if self.kernel_backend not in ("auto", "triton", "torch"):
+            raise ValueError(f"kernel_backend must be auto, triton or torch, got {self.kernel_backend!r}")
+        for name in ("block_size", "max_num_batched_tokens", "max_num_seqs", "max_encoder_tokens_per_step"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
+            raise ValueError(f"num_kv_blocks must be at least 2, got {self.num_kv_blocks}")
+        if self.encoder_cache_size < self.max_encoder_tokens_per_step // 2:
+            pass
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    served_model_name: str | None = None
+    api_key: str | None = None
+    max_request_body_bytes: int = 64 * 1024 * 1024
+    media_workers: int = 4
+    log_level: str = "info"
+
+
+@dataclass(frozen=True)
+class Config:
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+
+def _split(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    engine_keys = {f.name for f in fields(EngineConfig)}
+    server_keys = {f.name for f in fields(ServerConfig)}
+    eng, srv = {}, {}
+    for key, value in overrides.items():
+        key = key.replace("-", "_")
+        if key in engine_keys:
+            eng[key] = value
+        elif key in server_keys:
+            srv[key] = value
+        else:
+            raise ValueError(f"unknown config key {key!r}")
+    return eng, srv
+
+
+def build_config(yaml_path: str | Path | None = None, **overrides: Any) -> Config:
+    """Defaults, then the YAML's keys, then `overrides` (CLI flags; None means unset)."""
+    merged: dict[str, Any] = {}
+    if yaml_path is not None:
+        data = yaml.safe_load(Path(yaml_path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{yaml_path}: expected a mapping of config keys")
+        data.pop("name", None)
+        data.pop("description", None)
+        merged.update(data)
+    merged.update({k: v for k, v in overrides.items() if v is not None})
+    eng, srv = _split(merged)
+    return Config(engine=replace(EngineConfig(), **eng), server=replace(ServerConfig(), **srv))

@@ -1,0 +1,52 @@
+"""EngineClient: what the API layer may call on the engine (implemented by
+`server/engine/async_engine.py::AsyncEngine`, faked in API tests).
+
+The API layer turns an OpenAI request into an HF-style conversation plus decoded media,
+asks the engine to render it into a `ProcessedPrompt` (chat template, tokenizer, image
+processor: CPU work, run off the event loop), then streams `RequestOutput`s.
+"""
+
+from __future__ import annotations
+
+from typing import Any, AsyncIterator, Protocol
+
+from PIL import Image
+
+from server.engine.outputs import RequestOutput
+from server.engine.sampling_params import SamplingParams
+from server.multimodal.inputs import ProcessedPrompt
+
+
+class EngineClient(Protocol):
+    model_name: str  # the served model name (what /v1/models lists)
+    max_model_len: int
+
+    def generation_defaults(self) -> dict[str, Any]:
+        """Sampling defaults from the checkpoint's generation_config.json (keys named as in
+        SamplingParams: temperature, top_p, top_k, repetition_penalty, ...). A request's own
+        values win; `temperature: 0` in a request means greedy."""
+
+    async def render_chat(
+        self,
+        conversation: list[dict[str, Any]],
+        images: list[Image.Image],
+        *,
+        add_generation_prompt: bool = True,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> ProcessedPrompt:
+        """`conversation` is HF-style: [{"role", "content": str | [{"type": "text", "text"} |
+        {"type": "image"}]}]; `images` are RGB, in the order of the image parts. Raises
+        ValueError with a user-facing message on bad input (too long, too many images)."""
+
+    async def render_completion(self, prompt: str | list[int]) -> ProcessedPrompt: ...
+
+    def generate(
+        self, prompt: ProcessedPrompt, sampling_params: SamplingParams, request_id: str
+    ) -> AsyncIterator[RequestOutput]:
+        """Streams one RequestOutput per step the request advanced; the last has
+        finished=True. Closing the iterator early (client gone) aborts the request and frees
+        its blocks."""
+
+    async def abort(self, request_id: str) -> None: ...
+
+    def is_healthy(self) -> bool: ...
