@@ -32,7 +32,7 @@ class NewRequestData:
     mm_items: list[MultiModalItem]
     sampling_params: SamplingParams
     block_ids: list[int]
-    num_computed_tokens: int  # prefix-cache hits: K/V already in the blocks
+    num_computed_tokens: int  # before this step (prefix-cache hits: K/V already in the blocks)
     mrope_positions: np.ndarray | None = None  # [3, num_prompt_tokens]
     mrope_delta: int = 0
 
@@ -43,7 +43,7 @@ class CachedRequestData:
 
     req_ids: list[str] = field(default_factory=list)
     new_block_ids: list[list[int]] = field(default_factory=list)  # appended to the table
-    num_computed_tokens: list[int] = field(default_factory=list)
+    num_computed_tokens: list[int] = field(default_factory=list)  # before this step's tokens
 
 
 @dataclass

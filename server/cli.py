@@ -1,0 +1,143 @@
+"""`vlmserve serve | bench | make-tiny-model`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+DEMO_FAMILY = "qwen2_vl"
+
+
+def demo_model_dir() -> Path:
+    """The built-in demo checkpoint, made on first use (a tiny random Qwen2-VL)."""
+    base = Path(os.environ.get("VLMSERVE_CACHE", Path.home() / ".cache" / "vlmserve"))
+    path = base / "demo-qwen2-vl"
+    if not (path / "model.safetensors").exists():
+        from server.models.qwen2_vl.tiny import make_tiny_qwen2_vl
+
+        logging.getLogger("vlmserve").info("making the built-in demo model at %s", path)
+        make_tiny_qwen2_vl(path, seed=0)
+    return path
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", help="checkpoint directory or hub repo id (default: the built-in tiny demo model)")
+    g.add_argument("--config", help="a model_configs/*.yaml file; flags given here override it")
+    g.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"])
+    g.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--kernel-backend", choices=["auto", "triton", "torch"])
+    g.add_argument("--seed", type=int)
+    g.add_argument("--block-size", type=int)
+    g.add_argument("--num-kv-blocks", type=int, help="KV cache size in blocks (default: from --kv-cache-memory-gb)")
+    g.add_argument("--kv-cache-memory-gb", type=float)
+    g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false", default=None)
+    g.add_argument("--max-model-len", type=int)
+    g.add_argument("--max-num-batched-tokens", type=int)
+    g.add_argument("--max-num-seqs", type=int)
+    g.add_argument("--max-encoder-tokens-per-step", type=int)
+    g.add_argument("--encoder-cache-size", type=int)
+    g.add_argument("--min-pixels", type=int)
+    g.add_argument("--max-pixels", type=int)
+
+
+ENGINE_FLAGS = (
+    "dtype", "device", "kernel_backend", "seed", "block_size", "num_kv_blocks", "kv_cache_memory_gb",
+    "enable_prefix_caching", "max_model_len", "max_num_batched_tokens", "max_num_seqs",
+    "max_encoder_tokens_per_step", "encoder_cache_size", "min_pixels", "max_pixels",
+)  # fmt: skip
+
+
+def _build_config(args: argparse.Namespace, server_flags: tuple[str, ...] = ()):
+    from dataclasses import replace
+
+    from server.config import build_config
+
+    overrides = {k: getattr(args, k, None) for k in ENGINE_FLAGS + server_flags}
+    config = build_config(args.config, model=args.model, **overrides)
+    if not config.engine.model:
+        config = replace(config, engine=replace(config.engine, model=str(demo_model_dir())))
+    return config
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from server.api.server import run_server
+
+    if args.api_key is None:
+        args.api_key = os.environ.get("VLMSERVE_API_KEY")
+    config = _build_config(args, ("host", "port", "served_model_name", "api_key", "max_request_body_bytes"))
+    asyncio.run(run_server(config))
+
+
+def cmd_make_tiny_model(args: argparse.Namespace) -> None:
+    from server.models.registry import make_tiny_model
+
+    out = make_tiny_model(args.family, Path(args.out), seed=args.seed)
+    print(out)
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from server.bench import run_offline_bench
+
+    config = _build_config(args)
+    run_offline_bench(
+        config.engine,
+        num_requests=args.num_requests,
+        image_size=args.image_size,
+        images_per_request=args.images_per_request,
+        prompt_words=args.prompt_words,
+        max_tokens=args.max_tokens,
+        seed=args.bench_seed,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlmserve", description="Serve vision-language models (OpenAI API).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve a model over the OpenAI-compatible HTTP API")
+    _add_engine_args(serve)
+    s = serve.add_argument_group("server")
+    s.add_argument("--host", help="default 127.0.0.1")
+    s.add_argument("--port", type=int, help="default 8000")
+    s.add_argument("--served-model-name")
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (also $VLMSERVE_API_KEY)")
+    s.add_argument("--max-request-body-bytes", type=int)
+    serve.set_defaults(func=cmd_serve)
+
+    tiny = sub.add_parser("make-tiny-model", help="write a tiny random-weight checkpoint in the HF on-disk format")
+    tiny.add_argument("--family", required=True, choices=["qwen2_vl"])
+    tiny.add_argument("--out", required=True)
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(func=cmd_make_tiny_model)
+
+    bench = sub.add_parser("bench", help="offline synthetic image+text throughput benchmark")
+    _add_engine_args(bench)
+    bench.add_argument("--num-requests", type=int, default=64)
+    bench.add_argument("--image-size", default="448x448", help="WxH of the synthetic images")
+    bench.add_argument("--images-per-request", type=int, default=1)
+    bench.add_argument("--prompt-words", type=int, default=20)
+    bench.add_argument("--max-tokens", type=int, default=64)
+    bench.add_argument("--bench-seed", type=int, default=0)
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        pass
+    except (ValueError, FileNotFoundError) as e:
+        print(f"vlmserve: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

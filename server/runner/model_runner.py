@@ -1,0 +1,137 @@
+"""ModelRunner: executes one SchedulerOutput as one forward pass.
+
+Per step: drop finished/preempted request state, add new requests, apply block diffs,
+encode the scheduled images, build the flattened batch (no padding), embed tokens, merge
+image rows at their placeholders, run the model over the paged KV cache, sample the rows
+whose prefill is complete or that decode. Owns the KV cache tensors and the encoder cache.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+import kernels
+from server.engine.outputs import RunnerOutput, SchedulerOutput
+from server.models.interfaces import VLModel
+from server.runner.encoder_runner import EncoderRunner
+from server.runner.forward_batch import ForwardBatch
+from server.runner.input_batch import BatchInputs, CachedRequestState, build_inputs
+from server.runner.sampler import Sampler
+
+logger = logging.getLogger(__name__)
+
+
+def kv_block_bytes(model: VLModel, block_size: int, dtype: torch.dtype) -> int:
+    spec = model.kv_cache_spec
+    elem = torch.empty((), dtype=dtype).element_size()
+    return 2 * spec.num_layers * block_size * spec.num_kv_heads * spec.head_dim * elem
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: VLModel,
+        *,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        eos_token_ids: frozenset[int],
+        seed: int = 0,
+    ) -> None:
+        self.model = model
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.dtype = dtype
+        self.device = device
+        spec = model.kv_cache_spec
+        shape = (num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            for _ in range(spec.num_layers)
+        ]
+        self.encoder = EncoderRunner(model)
+        self.sampler = Sampler(eos_token_ids, seed=seed, device=device)
+        self.requests: dict[str, CachedRequestState] = {}
+        self.num_forward_passes = 0
+        logger.info("KV cache: %d blocks of %d tokens (%s)", num_blocks, block_size, shape)
+
+    def _update_states(self, out: SchedulerOutput) -> None:
+        for req_id in out.finished_req_ids | out.preempted_req_ids:
+            self.requests.pop(req_id, None)
+        self.encoder.free(out.free_encoder_hashes)
+        for new in out.scheduled_new_reqs:
+            self.requests[new.req_id] = CachedRequestState(
+                req_id=new.req_id,
+                token_ids=list(new.token_ids),
+                num_prompt_tokens=new.num_prompt_tokens,
+                mm_items=new.mm_items,
+                sampling_params=new.sampling_params,
+                block_ids=list(new.block_ids),
+                num_computed_tokens=new.num_computed_tokens,
+                mrope_positions=new.mrope_positions,
+                mrope_delta=new.mrope_delta,
+            )
+        cached = out.scheduled_cached_reqs
+        for req_id, new_blocks, computed in zip(cached.req_ids, cached.new_block_ids, cached.num_computed_tokens):
+            st = self.requests[req_id]
+            st.block_ids.extend(new_blocks)
+            st.num_computed_tokens = computed
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        self._update_states(out)
+        if out.total_num_scheduled_tokens == 0:
+            return RunnerOutput(req_ids=[], sampled_token_ids={})
+
+        if out.scheduled_encoder_inputs:
+            items = [self.requests[r].mm_items[i] for r, idxs in out.scheduled_encoder_inputs.items() for i in idxs]
+            self.encoder.encode(items)
+
+        order = list(out.num_scheduled_tokens)
+        inputs = build_inputs(order, out.num_scheduled_tokens, self.requests, self.block_size, self.model.uses_mrope)
+        hidden = self._forward(inputs)
+        self.num_forward_passes += 1
+
+        sampled: dict[str, list[int]] = {r: [] for r in order}
+        logprobs = {}
+        if inputs.sampling_req_ids:
+            logits = self.model.compute_logits(hidden[torch.from_numpy(inputs.logits_indices).to(self.device)])
+            states = [self.requests[r] for r in inputs.sampling_req_ids]
+            tokens, token_logprobs = self.sampler(logits, states)
+            for st, tok, lp in zip(states, tokens, token_logprobs):
+                st.token_ids.append(tok)
+                sampled[st.req_id] = [tok]
+                if lp is not None:
+                    logprobs[st.req_id] = [lp]
+        for req_id in order:
+            self.requests[req_id].num_computed_tokens += out.num_scheduled_tokens[req_id]
+        return RunnerOutput(req_ids=order, sampled_token_ids=sampled, logprobs=logprobs)
+
+    def _forward(self, inputs: BatchInputs) -> torch.Tensor:
+        dev = self.device
+        batch = ForwardBatch(
+            num_reqs=len(inputs.req_ids),
+            num_tokens=inputs.num_tokens,
+            query_start_loc=torch.from_numpy(inputs.query_start_loc).to(dev),
+            seq_lens=torch.from_numpy(inputs.seq_lens).to(dev),
+            block_tables=torch.from_numpy(inputs.block_tables).to(dev),
+            slot_mapping=torch.from_numpy(inputs.slot_mapping).to(dev),
+            max_query_len=int((inputs.query_start_loc[1:] - inputs.query_start_loc[:-1]).max()),
+            max_seq_len=int(inputs.seq_lens.max()),
+            kv_caches=self.kv_caches,
+            query_start_loc_cpu=inputs.query_start_loc.tolist(),
+            seq_lens_cpu=inputs.seq_lens.tolist(),
+        )
+        input_ids = torch.from_numpy(inputs.input_ids).to(dev)
+        positions = torch.from_numpy(inputs.positions).to(dev)
+        embeds = self.model.embed_input_ids(input_ids)
+        if inputs.mm_slices:
+            rows = torch.cat([self.encoder.rows(s.content_hash, s.row_start, s.row_end) for s in inputs.mm_slices])
+            dest = torch.from_numpy(np.concatenate([s.dest for s in inputs.mm_slices])).to(dev)
+            kernels.merge_embeddings(embeds, rows, dest)
+        return self.model.forward(embeds, positions, batch)
+

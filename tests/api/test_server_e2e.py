@@ -1,0 +1,111 @@
+"""The real server (`vlmserve serve`) on loopback, driven by the official openai client."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from tests.engine.conftest import image
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _data_url(img) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_ckpt, tmp_path_factory):
+    port = _free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    env = dict(os.environ, VLMSERVE_CACHE=str(tmp_path_factory.mktemp("cache")))
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "server.cli", "serve", "--model", str(tiny_ckpt), "--port", str(port),
+             "--served-model-name", "tiny", "--num-kv-blocks", "256", "--max-model-len", "2048"],
+            stdout=fh, stderr=subprocess.STDOUT, env=env,
+        )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited early:\n{log.read_text()}")
+        try:
+            if httpx.get(base + "/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail(f"server did not become healthy:\n{log.read_text()}")
+    yield base
+    proc.terminate()
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def _messages(img):
+    return [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": _data_url(img)}},
+        {"type": "text", "text": "What is in this image?"},
+    ]}]
+
+
+def test_chat_with_an_image_streaming_and_not_agree_with_the_offline_engine(server, tiny_ckpt):
+    from openai import OpenAI
+
+    from server.engine.sampling_params import SamplingParams
+    from tests.engine.conftest import make_llm, user
+
+    client = OpenAI(base_url=server + "/v1", api_key="unused")
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    img = image(200, 150, 21)
+
+    r = client.chat.completions.create(model="tiny", messages=_messages(img), max_tokens=10, temperature=0)
+    text = r.choices[0].message.content
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.completion_tokens > 0 and r.usage.prompt_tokens > 64
+
+    chunks = list(client.chat.completions.create(
+        model="tiny", messages=_messages(img), max_tokens=10, temperature=0,
+        stream=True, stream_options={"include_usage": True},
+    ))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == text
+    assert chunks[-1].usage.total_tokens == r.usage.total_tokens
+
+    llm = make_llm(tiny_ckpt)
+    prompt = llm.render_chat([user(img, "What is in this image?")], [img])
+    offline = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=10))[0]
+    assert offline.text == text
+    assert r.usage.prompt_tokens == len(prompt.prompt_token_ids)
+
+
+def test_bad_image_gets_a_400_and_the_server_keeps_serving(server):
+    bad = [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,bm90IGFuIGltYWdl"}},
+        {"type": "text", "text": "hi"},
+    ]}]
+    r = httpx.post(server + "/v1/chat/completions", json={"model": "tiny", "messages": bad}, timeout=30)
+    assert r.status_code == 400
+    assert "message" in r.json()["error"]
+    ok = httpx.post(server + "/v1/chat/completions", json={
+        "model": "tiny", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 3}, timeout=30)
+    assert ok.status_code == 200

@@ -1,0 +1,50 @@
+"""Shared fixtures for the engine tests: tiny Qwen2-VL checkpoints in the published HF
+layout (made by `make_tiny_qwen2_vl`), offline LLM engines over them, deterministic images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt_factory(tmp_path_factory):
+    from server.models.qwen2_vl.tiny import make_tiny_qwen2_vl
+
+    cache: dict[int, Path] = {}
+
+    def make(seed: int = 0) -> Path:
+        if seed not in cache:
+            cache[seed] = make_tiny_qwen2_vl(tmp_path_factory.mktemp(f"tiny_qwen2_vl_{seed}"), seed=seed)
+        return cache[seed]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tiny_ckpt_factory) -> Path:
+    return tiny_ckpt_factory(0)
+
+
+def make_llm(model_dir: Path, **overrides):
+    from server.config import EngineConfig
+    from server.engine.llm import LLM
+
+    base = dict(model=str(model_dir), num_kv_blocks=512, block_size=16, max_model_len=2048, kernel_backend="torch")
+    base.update(overrides)
+    return LLM(EngineConfig(**base))
+
+
+def image(w: int, h: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    # Smooth-ish content (not pure noise), so resizing is exercised meaningfully.
+    base = rng.integers(0, 256, (max(h // 8, 1), max(w // 8, 1), 3), dtype=np.uint8)
+    return Image.fromarray(base).resize((w, h), Image.BILINEAR)
+
+
+def user(*parts) -> dict:
+    content = [{"type": "image"} if isinstance(p, Image.Image) else {"type": "text", "text": p} for p in parts]
+    return {"role": "user", "content": content}
