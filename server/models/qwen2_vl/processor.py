@@ -1,0 +1,215 @@
+"""Qwen2-VL's prompt processor: conversation + images -> `ProcessedPrompt`.
+
+Reproduces transformers' `Qwen2VLProcessor` + `Qwen2VLModel.get_rope_index`:
+- the chat template renders one `<|vision_start|><|image_pad|><|vision_end|>` per image;
+- each `<|image_pad|>` is expanded to grid_t * grid_h * grid_w / merge**2 copies (one per
+  merged 28x28 patch), the encoder rows it receives;
+- M-RoPE positions [3, L]: text tokens advance all three axes together; an image's tokens get
+  (t, row, col) offsets from the position where the image starts, and the text after it
+  resumes at (largest position used so far) + 1. A token generated at sequence index i then
+  has position i + mrope_delta on every axis.
+CPU only; runs off the event loop (called through `AsyncEngine.render_chat`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from server.models.qwen2_vl.image_processor import Qwen2VLImageProcessor
+from server.models.tokenizer import encode_prompt, load_tokenizer, render_chat
+from server.multimodal.inputs import MultiModalItem, ProcessedPrompt
+
+_TOKEN_ID_KEYS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+_TOKEN_STRINGS = {
+    "image_token_id": "<|image_pad|>",
+    "video_token_id": "<|video_pad|>",
+    "vision_start_token_id": "<|vision_start|>",
+    "vision_end_token_id": "<|vision_end|>",
+}
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def mrope_positions(
+    token_ids: list[int] | np.ndarray,
+    vision_spans: list[tuple[int, int, tuple[int, int, int]]],
+    merge_size: int,
+) -> tuple[np.ndarray, int]:
+    """M-RoPE positions for a prompt whose vision placeholders are already expanded.
+
+    `vision_spans`: (offset, length, (grid_t, grid_h, grid_w)) per image/video, sorted by
+    offset, with length == grid_t * grid_h * grid_w // merge_size**2.
+    Returns (positions int64 [3, L], mrope_delta = max position + 1 - L).
+    """
+    total = len(token_ids)
+    positions = np.empty((3, total), dtype=np.int64)
+    cursor = 0  # next prompt index to fill
+    next_pos = 0  # position the next text token takes
+    for offset, length, (grid_t, grid_h, grid_w) in vision_spans:
+        llm_h, llm_w = grid_h // merge_size, grid_w // merge_size
+        if offset < cursor or grid_t * llm_h * llm_w != length:
+            raise ValueError(
+                f"vision span at {offset} (length {length}, grid {grid_t}x{grid_h}x{grid_w}) overlaps the "
+                f"previous one or does not match its grid"
+            )
+        text_len = offset - cursor
+        positions[:, cursor:offset] = np.arange(next_pos, next_pos + text_len)
+        start = next_pos + text_len
+        t_idx, h_idx, w_idx = np.meshgrid(np.arange(grid_t), np.arange(llm_h), np.arange(llm_w), indexing="ij")
+        positions[0, offset : offset + length] = t_idx.reshape(-1) + start
+        positions[1, offset : offset + length] = h_idx.reshape(-1) + start
+        positions[2, offset : offset + length] = w_idx.reshape(-1) + start
+        next_pos = start + max(grid_t, llm_h, llm_w)
+        cursor = offset + length
+    positions[:, cursor:] = np.arange(next_pos, next_pos + total - cursor)
+    delta = int(positions.max()) + 1 - total if total else 0
+    return positions, delta
+
+
+class Qwen2VLProcessor:
+    """Reads the checkpoint's tokenizer, preprocessor_config.json, generation_config.json and
+    the vision token ids of config.json (flat, or nested under `text_config`)."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        hf_config: dict[str, Any],
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+    ) -> None:
+        self.model_dir = Path(model_dir)
+        self.tokenizer = load_tokenizer(self.model_dir)
+        # A checkpoint without preprocessor_config.json gets transformers' class defaults.
+        preprocessor = _read_json(self.model_dir / "preprocessor_config.json")
+        self.image_processor = Qwen2VLImageProcessor.from_preprocessor_config(
+            preprocessor, {"min_pixels": min_pixels, "max_pixels": max_pixels}
+        )
+        text_config = hf_config.get("text_config") or {}
+        ids: dict[str, int] = {}
+        for key in _TOKEN_ID_KEYS:
+            from_config = hf_config.get(key, text_config.get(key))
+            from_tokenizer = self.tokenizer.convert_tokens_to_ids(_TOKEN_STRINGS[key])
+            if from_config is not None and from_tokenizer is not None and from_config != from_tokenizer:
+                raise ValueError(
+                    f"config.json {key}={from_config} but the tokenizer maps {_TOKEN_STRINGS[key]} to "
+                    f"{from_tokenizer}; the checkpoint's config and tokenizer do not belong together"
+                )
+            value = from_config if from_config is not None else from_tokenizer
+            if value is None:
+                raise ValueError(
+                    f"{self.model_dir}: no {key} in config.json and no {_TOKEN_STRINGS[key]} in the tokenizer"
+                )
+            ids[key] = int(value)
+        self.image_token_id = ids["image_token_id"]
+        self.video_token_id = ids["video_token_id"]
+        self.vision_start_token_id = ids["vision_start_token_id"]
+        self.vision_end_token_id = ids["vision_end_token_id"]
+        self.vocab_size = int(hf_config.get("vocab_size", text_config.get("vocab_size", len(self.tokenizer))))
+        self.generation_config = _read_json(self.model_dir / "generation_config.json")
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """generation_config.json's eos_token_id (int or list), then the tokenizer's eos."""
+        configured = self.generation_config.get("eos_token_id")
+        ids = configured if isinstance(configured, list) else [configured]
+        ids = [*ids, self.tokenizer.eos_token_id]
+        return list(dict.fromkeys(int(i) for i in ids if i is not None))
+
+    def generation_defaults(self) -> dict[str, Any]:
+        """Sampling defaults named as in SamplingParams. As in transformers, sampling is off unless
+        `do_sample` is true: then the defaults are greedy (temperature 0)."""
+        cfg = self.generation_config
+        out: dict[str, Any] = {}
+        if cfg.get("repetition_penalty") is not None:
+            out["repetition_penalty"] = float(cfg["repetition_penalty"])
+        if not cfg.get("do_sample", False):
+            out["temperature"] = 0.0
+            return out
+        if cfg.get("temperature") is not None:
+            out["temperature"] = float(cfg["temperature"])
+        if cfg.get("top_p") is not None:
+            out["top_p"] = float(cfg["top_p"])
+        if cfg.get("top_k") is not None:
+            out["top_k"] = int(cfg["top_k"])
+        return out
+
+    def render_chat(
+        self,
+        conversation: list[dict[str, Any]],
+        images: list[Image.Image],
+        add_generation_prompt: bool = True,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> ProcessedPrompt:
+        text = render_chat(self.tokenizer, conversation, add_generation_prompt, chat_template_kwargs)
+        ids = np.asarray(encode_prompt(self.tokenizer, text), dtype=np.int64)
+        if (ids == self.video_token_id).any():
+            raise ValueError("video input is not supported for this model yet; send the frames as images")
+        placeholders = np.flatnonzero(ids == self.image_token_id)
+        if len(placeholders) != len(images):
+            raise ValueError(
+                f"the conversation has {len(placeholders)} image placeholder(s) after applying the chat "
+                f"template but {len(images)} image(s) were given; send one image part per image"
+            )
+        prompt_ids: list[int] = []
+        items: list[MultiModalItem] = []
+        spans: list[tuple[int, int, tuple[int, int, int]]] = []
+        cursor = 0
+        for placeholder, image in zip(placeholders.tolist(), images):
+            prompt_ids.extend(ids[cursor:placeholder].tolist())
+            item = self._image_item(image, offset=len(prompt_ids))
+            prompt_ids.extend([self.image_token_id] * item.length)
+            items.append(item)
+            spans.append((item.offset, item.length, tuple(item.data["grid_thw"].tolist())))
+            cursor = placeholder + 1
+        prompt_ids.extend(ids[cursor:].tolist())
+        positions, delta = mrope_positions(prompt_ids, spans, self.image_processor.merge_size)
+        return ProcessedPrompt(
+            prompt_token_ids=prompt_ids,
+            mm_items=items,
+            mrope_positions=positions,
+            mrope_delta=delta,
+            prompt_text=text,
+        )
+
+    def _image_item(self, image: Image.Image, offset: int) -> MultiModalItem:
+        ip = self.image_processor
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        pixels = ip.resize(image)  # uint8 [H', W', 3]
+        pixel_values, grid = ip.normalize_patchify(ip.image_frames(pixels))
+        return MultiModalItem(
+            modality="image",
+            content_hash=ip.content_hash(pixels, grid, "image"),
+            offset=offset,
+            length=grid[0] * grid[1] * grid[2] // ip.merge_size**2,
+            data={"pixel_values": pixel_values, "grid_thw": torch.tensor(grid, dtype=torch.long)},
+        )
+
+    def render_completion(self, prompt: str | list[int]) -> ProcessedPrompt:
+        """A raw text prompt (tokenized as transformers would, BOS never doubled) or token ids."""
+        if isinstance(prompt, str):
+            ids = encode_prompt(self.tokenizer, prompt)
+            text: str | None = prompt
+        else:
+            ids = [int(i) for i in prompt]
+            bad = [i for i in ids if not 0 <= i < self.vocab_size]
+            if bad:
+                raise ValueError(f"prompt token ids must be in [0, {self.vocab_size}), got {bad[:5]}")
+            text = None
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if self.image_token_id in ids or self.video_token_id in ids:
+            raise ValueError(
+                "a completion prompt may not contain <|image_pad|> or <|video_pad|>; "
+                "use /v1/chat/completions for images"
+            )
+        positions = np.broadcast_to(np.arange(len(ids), dtype=np.int64), (3, len(ids))).copy()
+        return ProcessedPrompt(prompt_token_ids=ids, mrope_positions=positions, mrope_delta=0, prompt_text=text)
