@@ -1,0 +1,260 @@
+"""Qwen2-VL: the vision tower (`vision.py`) plus a Qwen2 decoder over the paged KV cache,
+implementing `server/models/interfaces.py::VLModel`.
+
+Decoder layer: RMSNorm → attention (q/k/v in one matmul with bias, M-RoPE, paged cache,
+o_proj without bias) → RMSNorm (residual add fused) → SwiGLU MLP (gate/up in one matmul).
+The checkpoint's separate q/k/v and gate/up tensors are fused at load time.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kernels
+from server.models.interfaces import KVCacheSpec
+from server.models.layers.attention import PagedAttention
+from server.models.layers.norm import RMSNorm
+from server.models.layers.rotary import mrope_cos_sin, rope_inv_freq
+from server.models.layers.weights import IGNORED_SUFFIXES, WeightLoadTracker
+from server.models.qwen2_vl.config import Qwen2VLModelConfig
+from server.models.qwen2_vl.vision import Qwen2VisionTransformer
+from server.multimodal.inputs import MultiModalItem
+from server.runner.forward_batch import ForwardBatch
+
+logger = logging.getLogger(__name__)
+
+Device = torch.device | str
+
+
+class Qwen2Attention(nn.Module):
+    def __init__(self, cfg: Qwen2VLModelConfig, layer_idx: int, dtype: torch.dtype, device: Device) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        # Rows: q (Hq * D), then k (Hkv * D), then v (Hkv * D).
+        self.qkv_proj = nn.Linear(
+            cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=True, dtype=dtype, device=device
+        )
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False, dtype=dtype, device=device)
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, layer_idx, self.head_dim**-0.5)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        n = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        # Strided [T, H, D] views into the fused output, no copies: the kernels need only the
+        # last dim contiguous.
+        q = q.view(n, self.num_heads, self.head_dim)
+        k = k.view(n, self.num_kv_heads, self.head_dim)
+        v = v.view(n, self.num_kv_heads, self.head_dim)
+        kernels.rotary(q, k, cos, sin)
+        out = self.attn(q, k, v, batch)  # [T, Hq, D]
+        return self.o_proj(out.reshape(n, self.q_size))
+
+
+class Qwen2MLP(nn.Module):
+    def __init__(self, cfg: Qwen2VLModelConfig, dtype: torch.dtype, device: Device) -> None:
+        super().__init__()
+        # Rows: gate (I), then up (I) — the order kernels.silu_and_mul expects.
+        self.gate_up_proj = nn.Linear(
+            cfg.hidden_size, 2 * cfg.intermediate_size, bias=False, dtype=dtype, device=device
+        )
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x)))
+
+
+class Qwen2DecoderLayer(nn.Module):
+    def __init__(self, cfg: Qwen2VLModelConfig, layer_idx: int, dtype: torch.dtype, device: Device) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.self_attn = Qwen2Attention(cfg, layer_idx, dtype, device)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.mlp = Qwen2MLP(cfg, dtype, device)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        batch: ForwardBatch,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the previous layer's output before its residual add; residual: the running sum
+        (None at the first layer, where x is the embeddings). Returns the same pair."""
+        if residual is None:
+            residual = x
+            x = self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, cos, sin, batch)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class Qwen2TextModel(nn.Module):
+    def __init__(self, cfg: Qwen2VLModelConfig, dtype: torch.dtype, device: Device) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
+        self.layers = nn.ModuleList(Qwen2DecoderLayer(cfg, i, dtype, device) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        residual = None
+        for layer in self.layers:
+            x, residual = layer(x, residual, cos, sin, batch)
+        if residual is None:  # no layers
+            return self.norm(x)
+        x, _ = self.norm(x, residual)
+        return x
+
+
+class Qwen2VLForConditionalGeneration(nn.Module):
+    """Parameters are allocated uninitialised: `load_weights` must run before use."""
+
+    uses_mrope = True
+
+    def __init__(self, config: Qwen2VLModelConfig, dtype: torch.dtype, device: Device) -> None:
+        super().__init__()
+        self.config = config
+        self.kv_cache_spec = KVCacheSpec(config.num_hidden_layers, config.num_key_value_heads, config.head_dim)
+        # Built on the meta device, then given real (uninitialised) storage: no time spent on
+        # random init of weights the checkpoint overwrites.
+        meta = torch.device("meta")
+        self.visual = Qwen2VisionTransformer(config.vision, dtype, meta)
+        self.language_model = Qwen2TextModel(config, dtype, meta)
+        self.lm_head: nn.Linear | None = None
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype, device=meta)
+        self.to_empty(device=device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.language_model.embed_tokens.weight.device
+
+    # --- VLModel -------------------------------------------------------------------------
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.language_model.embed_tokens(input_ids)
+
+    def embed_multimodal(self, items: list[MultiModalItem]) -> list[torch.Tensor]:
+        """All items (images and videos) in one vision batch; item i gets t*h*w / m^2 rows."""
+        if not items:
+            return []
+        pixels, grids = [], []
+        for item in items:
+            if "pixel_values" not in item.data or "grid_thw" not in item.data:
+                raise ValueError(
+                    f"{item.modality} item {item.content_hash[:16]}: data must hold 'pixel_values' and 'grid_thw' "
+                    f"(the Qwen2-VL processor's output), got keys {sorted(item.data)}"
+                )
+            grid = torch.as_tensor(item.data["grid_thw"]).reshape(-1).tolist()
+            if len(grid) != 3:
+                raise ValueError(f"grid_thw must hold 3 values (t, h, w), got {grid}")
+            t, h, w = (int(g) for g in grid)
+            pv = torch.as_tensor(item.data["pixel_values"])
+            if pv.dim() != 2 or pv.shape[0] != t * h * w:
+                raise ValueError(
+                    f"{item.modality} item {item.content_hash[:16]}: pixel_values must have t*h*w = {t * h * w} "
+                    f"rows for grid_thw {grid}, got shape {tuple(pv.shape)}"
+                )
+            grids.append((t, h, w))
+            pixels.append(pv)
+        merged = self.visual(torch.cat(pixels).to(self.device), grids)
+        m2 = self.config.vision.spatial_merge_size**2
+        return list(merged.split([t * h * w // m2 for t, h, w in grids]))
+
+    def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """inputs_embeds [T, hidden]; positions int64 [3, T] (M-RoPE t/h/w) or [T] (text
+        only: the same on all axes) → final-normed hidden [T, hidden]."""
+        inv_freq = rope_inv_freq(self.config.head_dim, self.config.rope_theta, device=inputs_embeds.device)
+        cos, sin = mrope_cos_sin(positions, inv_freq, self.config.mrope_section)  # [T, D/2] float32
+        return self.language_model(inputs_embeds, cos, sin, batch)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.lm_head.weight if self.lm_head is not None else self.language_model.embed_tokens.weight
+        return F.linear(hidden, weight).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Accepts the published layout (`model.layers.*`, `visual.*`) and the transformers-5
+        one (`model.language_model.layers.*`, `model.visual.*`). Raises naming every
+        missing or unexpected tensor."""
+        cfg = self.config
+        tracker = WeightLoadTracker(self)
+        kv_rows = cfg.num_key_value_heads * cfg.head_dim
+        for i in range(cfg.num_hidden_layers):
+            prefix = f"language_model.layers.{i}"
+            qkv = [("q_proj", cfg.hidden_size), ("k_proj", kv_rows), ("v_proj", kv_rows)]
+            tracker.declare_fused(f"{prefix}.self_attn.qkv_proj.weight", qkv)
+            tracker.declare_fused(f"{prefix}.self_attn.qkv_proj.bias", qkv)
+            gate_up = [("gate_proj", cfg.intermediate_size), ("up_proj", cfg.intermediate_size)]
+            tracker.declare_fused(f"{prefix}.mlp.gate_up_proj.weight", gate_up)
+
+        saw_lm_head = False
+        for hf_name, tensor in weights:
+            if hf_name.endswith(IGNORED_SUFFIXES):
+                continue
+            param_name, shard = _param_for(hf_name)
+            if param_name == "lm_head.weight":
+                saw_lm_head = True
+                if self.lm_head is None:
+                    continue  # tied: some tied checkpoints still save a copy of the embeddings
+            if param_name == "visual.patch_embed.weight" and tensor.dim() == 5:
+                tensor = tensor.flatten(1)  # Conv3d [E, C, T, P, P] → [E, C*T*P*P]
+            tracker.copy(param_name, tensor, hf_name, shard)
+
+        if self.lm_head is not None and not saw_lm_head:
+            logger.warning(
+                "checkpoint has no lm_head.weight although tie_word_embeddings is false: tying the output "
+                "projection to the input embeddings"
+            )
+            self.lm_head = None
+            tracker.drop("lm_head.weight")
+        tracker.check_complete()
+
+
+# Checkpoint name prefixes → module prefixes here; first match wins (longest first).
+_PREFIXES = (
+    ("model.language_model.", "language_model."),
+    ("model.visual.", "visual."),
+    ("visual.", "visual."),
+    ("model.", "language_model."),
+    ("lm_head.", "lm_head."),
+)
+# Separate projections fused into one parameter; group 2 names the shard ("k" → "k_proj").
+_FUSED = (
+    (re.compile(r"^(.*\.self_attn\.)(q|k|v)_proj\.(weight|bias)$"), r"\1qkv_proj.\3"),
+    (re.compile(r"^(.*\.mlp\.)(gate|up)_proj\.weight$"), r"\1gate_up_proj.weight"),
+)
+_RENAMES = (
+    ("visual.patch_embed.proj.weight", "visual.patch_embed.weight"),
+    ("visual.merger.mlp.0.", "visual.merger.fc1."),
+    ("visual.merger.mlp.2.", "visual.merger.fc2."),
+)
+
+
+def _param_for(hf_name: str) -> tuple[str, str]:
+    """Checkpoint tensor name → (parameter name here, shard label or ""). A name with no
+    known prefix comes back unchanged and is reported as unexpected by the tracker."""
+    name = hf_name
+    for old, new in _PREFIXES:
+        if name.startswith(old):
+            name = new + name[len(old) :]
+            break
+    for pattern, repl in _FUSED:
+        match = pattern.match(name)
+        if match:
+            return pattern.sub(repl, name), f"{match.group(2)}_proj"
+    for old, new in _RENAMES:
+        if name.startswith(old):
+            return new + name[len(old) :], ""
+    return name, ""

@@ -1,0 +1,85 @@
+"""HF architecture name (config.json `architectures[0]`) → the family that serves it.
+
+Model and processor classes are named by import path and imported on first use, so the
+registry imports no family code (and no torch-heavy module) until a family is picked.
+Several families may share one architecture name (Pixtral is `LlavaForConditionalGeneration`
+with a Pixtral vision tower): each then supplies `accepts(config)` to claim its checkpoints.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+def _import(path: str) -> Any:
+    module_name, _, attr = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ImportError(f"cannot import {path}: {e}") from e
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    name: str
+    architectures: tuple[str, ...]
+    config_class_path: str  # a class with `from_hf_config(config_json: dict)`
+    model_class_path: str  # constructed as cls(model_config, dtype, device); implements VLModel
+    processor_class_path: str
+    accepts: Callable[[dict[str, Any]], bool] | None = None  # needed when architectures overlap
+
+    def parse_config(self, hf_config: dict[str, Any]) -> Any:
+        return _import(self.config_class_path).from_hf_config(hf_config)
+
+    def model_class(self) -> type:
+        return _import(self.model_class_path)
+
+    def processor_class(self) -> type:
+        return _import(self.processor_class_path)
+
+
+FAMILIES: tuple[ModelFamily, ...] = (
+    ModelFamily(
+        name="qwen2_vl",
+        architectures=("Qwen2VLForConditionalGeneration",),
+        config_class_path="server.models.qwen2_vl.config.Qwen2VLModelConfig",
+        model_class_path="server.models.qwen2_vl.model.Qwen2VLForConditionalGeneration",
+        processor_class_path="server.models.qwen2_vl.processor.Qwen2VLProcessor",
+    ),
+)
+
+
+def supported_architectures() -> list[str]:
+    return sorted({arch for family in FAMILIES for arch in family.architectures})
+
+
+def family_for_config(hf_config: dict[str, Any]) -> ModelFamily:
+    """The family serving a checkpoint, from its parsed config.json."""
+    architectures = hf_config.get("architectures") or []
+    if not architectures:
+        raise ValueError(
+            "config.json has no 'architectures' entry, so the model family is unknown; supported: "
+            + ", ".join(supported_architectures())
+        )
+    arch = architectures[0]
+    candidates = [f for f in FAMILIES if arch in f.architectures]
+    if not candidates:
+        raise ValueError(
+            f"unsupported model architecture {arch!r}; supported: {', '.join(supported_architectures())}"
+        )
+    for family in candidates:
+        if family.accepts is None or family.accepts(hf_config):
+            return family
+    raise ValueError(
+        f"architecture {arch!r} is known, but no family accepts this checkpoint's config "
+        f"(tried {', '.join(f.name for f in candidates)})"
+    )
+
+
+def family_by_name(name: str) -> ModelFamily:
+    for family in FAMILIES:
+        if family.name == name:
+            return family
+    raise ValueError(f"unknown model family {name!r}; known: {', '.join(f.name for f in FAMILIES)}")
