@@ -99,13 +99,17 @@ class AsyncEngine:
         conversation: list[dict[str, Any]],
         images: list[Image.Image],
         *,
+        videos: list[Any] | None = None,
         add_generation_prompt: bool = True,
         chat_template_kwargs: dict[str, Any] | None = None,
     ) -> ProcessedPrompt:
         loop = asyncio.get_running_loop()
+        kwargs = {"videos": videos} if videos else {}
         prompt = await loop.run_in_executor(
             self._render_pool,
-            lambda: self.processor.render_chat(conversation, images, add_generation_prompt, chat_template_kwargs),
+            lambda: self.processor.render_chat(
+                conversation, images, add_generation_prompt, chat_template_kwargs, **kwargs
+            ),
         )
         return self._check_length(prompt)
 

@@ -3,7 +3,6 @@ from an EngineConfig. Used by the server, the offline LLM API and the benchmark.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,12 +15,10 @@ from server.config import EngineConfig
 from server.engine.engine_core import EngineCore
 from server.engine.scheduler import Scheduler
 from server.models import registry
-from server.models.loader import load_model, resolve_model_dir
+from server.models.loader import load_model, read_hf_config, resolve_model_dir
 from server.runner.model_runner import ModelRunner, kv_block_bytes
 
 logger = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -39,26 +36,18 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_dtype(name: str, device: torch.device, hf_config: dict) -> torch.dtype:
-    if name != "auto":
-        return _DTYPES[name]
-    if device.type == "cpu":
-        return torch.float32  # CPU kernels for half types are slow and less exact
-    text = hf_config.get("text_config") or {}
-    ckpt = hf_config.get("torch_dtype") or hf_config.get("dtype") or text.get("torch_dtype") or text.get("dtype")
-    return _DTYPES.get(ckpt, torch.bfloat16)
-
-
 def build_engine(config: EngineConfig) -> EngineParts:
     kernels.set_backend(config.kernel_backend)
     torch.manual_seed(config.seed)
     model_dir = resolve_model_dir(config.model)
-    hf_config = json.loads((model_dir / "config.json").read_text())
+    hf_config = read_hf_config(model_dir)
     device = resolve_device(config.device)
-    dtype = resolve_dtype(config.dtype, device, hf_config)
-    family = registry.family_for(hf_config)
-    model, model_config = load_model(model_dir, dtype=dtype, device=device)
-    processor = family.make_processor(model_dir, hf_config, min_pixels=config.min_pixels, max_pixels=config.max_pixels)
+    family = registry.family_for_config(hf_config)
+    model, model_config = load_model(model_dir, dtype=config.dtype, device=device)
+    dtype = next(model.parameters()).dtype
+    processor = family.processor_class()(
+        model_dir, hf_config, min_pixels=config.min_pixels, max_pixels=config.max_pixels
+    )
 
     max_model_len = config.max_model_len or model_config.max_position_embeddings
     if config.num_kv_blocks is not None:

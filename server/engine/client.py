@@ -20,6 +20,8 @@ from server.multimodal.inputs import ProcessedPrompt
 class EngineClient(Protocol):
     model_name: str  # the served model name (what /v1/models lists)
     max_model_len: int
+    # The model's transformers tokenizer: the API renders logprob tokens with it (read-only).
+    tokenizer: Any
 
     def generation_defaults(self) -> dict[str, Any]:
         """Sampling defaults from the checkpoint's generation_config.json (keys named as in
@@ -31,12 +33,15 @@ class EngineClient(Protocol):
         conversation: list[dict[str, Any]],
         images: list[Image.Image],
         *,
+        videos: list[Any] | None = None,
         add_generation_prompt: bool = True,
         chat_template_kwargs: dict[str, Any] | None = None,
     ) -> ProcessedPrompt:
         """`conversation` is HF-style: [{"role", "content": str | [{"type": "text", "text"} |
-        {"type": "image"}]}]; `images` are RGB, in the order of the image parts. Raises
-        ValueError with a user-facing message on bad input (too long, too many images)."""
+        {"type": "image"} | {"type": "video"}]}]; `images` are RGB, in the order of the image
+        parts; `videos` (`server.multimodal.video.VideoFrames`: uint8 frames [N, H, W, 3] and
+        their sampled fps) in the order of the video parts. Raises ValueError with a
+        user-facing message on bad input (too long, too many images)."""
 
     async def render_completion(self, prompt: str | list[int]) -> ProcessedPrompt: ...
 

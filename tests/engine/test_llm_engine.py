@@ -57,6 +57,11 @@ def hf_inputs(prompt):
     if prompt.mm_items:
         kwargs["pixel_values"] = torch.cat([it.data["pixel_values"] for it in prompt.mm_items])
         kwargs["image_grid_thw"] = torch.stack([torch.as_tensor(it.data["grid_thw"]) for it in prompt.mm_items])
+        # transformers needs the token modality map (1 = image) to build M-RoPE positions.
+        types = torch.zeros_like(ids)
+        for it in prompt.mm_items:
+            types[0, it.offset : it.offset + it.length] = 1
+        kwargs["mm_token_type_ids"] = types
     return kwargs
 
 
@@ -174,7 +179,7 @@ def test_preempted_requests_finish_with_the_same_output_and_free_every_block(tin
     assert got == expected
     stats = tight.scheduler.get_stats()
     assert stats.num_preemptions > 0
-    kv = tight.scheduler.kv_cache_manager
+    kv = tight.scheduler.kv_cache
     assert kv.num_free_blocks == need * 3
 
 
@@ -192,7 +197,7 @@ def test_repeated_image_question_hits_the_prefix_cache_and_another_image_does_no
     (item,) = pb.mm_items
     # Only blocks entirely before the image may be shared.
     assert other.num_cached_tokens <= item.offset
-    kv = llm.scheduler.kv_cache_manager
+    kv = llm.scheduler.kv_cache
     assert kv.prefix_cache_hits > 0
     # The image of the repeated request was not encoded twice.
     assert llm.runner.encoder.num_encoded_items == 2
