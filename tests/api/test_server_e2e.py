@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from tests.engine.conftest import image
+from tests.utils import image
 
 
 def _free_port() -> int:
@@ -72,7 +72,7 @@ def test_chat_with_an_image_streaming_and_not_agree_with_the_offline_engine(serv
     from openai import OpenAI
 
     from server.engine.sampling_params import SamplingParams
-    from tests.engine.conftest import make_llm, user
+    from tests.utils import make_llm, user
 
     client = OpenAI(base_url=server + "/v1", api_key="unused")
     assert [m.id for m in client.models.list().data] == ["tiny"]

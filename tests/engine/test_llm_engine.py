@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from server.engine.sampling_params import SamplingParams
-from tests.engine.conftest import image, make_llm, user
+from tests.utils import image, make_llm, user
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12)
 # Last-position logprobs of the prompt, ours vs transformers (float32, same weights).

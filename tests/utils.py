@@ -1,32 +1,11 @@
-"""Shared fixtures for the engine tests: tiny Qwen2-VL checkpoints in the published HF
-layout (made by `make_tiny_qwen2_vl`), offline LLM engines over them, deterministic images."""
+"""Helpers for tests that run the real engine: offline LLMs, deterministic images, chats."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
-
-
-@pytest.fixture(scope="session")
-def tiny_ckpt_factory(tmp_path_factory):
-    from server.models.qwen2_vl.tiny import make_tiny_qwen2_vl
-
-    cache: dict[int, Path] = {}
-
-    def make(seed: int = 0) -> Path:
-        if seed not in cache:
-            cache[seed] = make_tiny_qwen2_vl(tmp_path_factory.mktemp(f"tiny_qwen2_vl_{seed}"), seed=seed)
-        return cache[seed]
-
-    return make
-
-
-@pytest.fixture(scope="session")
-def tiny_ckpt(tiny_ckpt_factory) -> Path:
-    return tiny_ckpt_factory(0)
 
 
 def make_llm(model_dir: Path, **overrides):
