@@ -52,6 +52,15 @@ ENGINE_FLAGS = (
 )  # fmt: skip
 
 
+SERVER_FLAGS = ("host", "port", "served_model_name", "api_key", "max_request_body_bytes", "limit_mm_per_prompt")
+MEDIA_FLAGS = (
+    "max_image_pixels", "max_media_bytes", "max_video_bytes", "image_timeout_s", "video_timeout_s",
+    "max_redirects", "allowed_media_domains", "allow_private_media_urls", "allowed_local_media_path",
+    "video_fps", "max_video_frames", "max_video_duration_s", "max_video_frame_pixels", "media_workers",
+    "media_cache_bytes",
+)  # fmt: skip
+
+
 def _build_config(args: argparse.Namespace, server_flags: tuple[str, ...] = ()):
     from dataclasses import replace
 
@@ -69,7 +78,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     if args.api_key is None:
         args.api_key = os.environ.get("VLMSERVE_API_KEY")
-    config = _build_config(args, ("host", "port", "served_model_name", "api_key", "max_request_body_bytes"))
+    config = _build_config(args, SERVER_FLAGS + MEDIA_FLAGS)
     asyncio.run(run_server(config))
 
 
@@ -107,6 +116,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--served-model-name")
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (also $VLMSERVE_API_KEY)")
     s.add_argument("--max-request-body-bytes", type=int)
+    s.add_argument("--limit-mm-per-prompt", help="most media items per request, e.g. image=4,video=1")
+    m = serve.add_argument_group("media")
+    m.add_argument("--max-image-pixels", type=int, help="refuse larger images (checked from the header)")
+    m.add_argument("--max-media-bytes", type=int, help="byte cap of one encoded image")
+    m.add_argument("--max-video-bytes", type=int, help="byte cap of one encoded video")
+    m.add_argument("--image-timeout-s", type=float)
+    m.add_argument("--video-timeout-s", type=float)
+    m.add_argument("--max-redirects", type=int)
+    m.add_argument("--allowed-media-domains", nargs="+", help="only fetch media URLs from these hosts")
+    m.add_argument("--allow-private-media-urls", action="store_true", default=None,
+                   help="allow media URLs on loopback and private networks (off by default: SSRF)")
+    m.add_argument("--allowed-local-media-path", help="serve file:// media from under this directory only")
+    m.add_argument("--video-fps", type=float, help="frames sampled per second of video")
+    m.add_argument("--max-video-frames", type=int)
+    m.add_argument("--max-video-duration-s", type=float)
+    m.add_argument("--max-video-frame-pixels", type=int)
+    m.add_argument("--media-workers", type=int, help="decode threads")
+    m.add_argument("--media-cache-bytes", type=int)
     serve.set_defaults(func=cmd_serve)
 
     tiny = sub.add_parser("make-tiny-model", help="write a tiny random-weight checkpoint in the HF on-disk format")

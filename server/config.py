@@ -10,6 +10,8 @@ from typing import Any
 
 import yaml
 
+from server.multimodal.media import MediaConfig
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -44,8 +46,6 @@ class EngineConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
             raise ValueError(f"num_kv_blocks must be at least 2, got {self.num_kv_blocks}")
-        if self.encoder_cache_size < self.max_encoder_tokens_per_step // 2:
-            pass
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,8 @@ class ServerConfig:
     served_model_name: str | None = None
     api_key: str | None = None
     max_request_body_bytes: int = 64 * 1024 * 1024
-    media_workers: int = 4
+    # Per-request media counts, e.g. {"image": 8, "video": 1}; a modality not named is unlimited.
+    limit_mm_per_prompt: dict[str, int] = field(default_factory=dict)
     log_level: str = "info"
 
 
@@ -63,21 +64,58 @@ class ServerConfig:
 class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    media: MediaConfig = field(default_factory=MediaConfig)
 
 
-def _split(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+# Flag names that differ from the MediaConfig field they set.
+_MEDIA_ALIASES = {
+    "allow_private_media_urls": "allow_private_networks",
+    "media_cache_bytes": "cache_bytes",
+    "media_workers": "workers",
+}
+
+
+def parse_mm_limits(spec: str | dict[str, int]) -> dict[str, int]:
+    """'image=4,video=1' (or a mapping) → {"image": 4, "video": 1}."""
+    if isinstance(spec, dict):
+        items = spec.items()
+    else:
+        items = []
+        for part in filter(None, (p.strip() for p in spec.split(","))):
+            name, sep, value = part.partition("=")
+            if not sep:
+                raise ValueError(f"--limit-mm-per-prompt expects modality=N pairs like image=4,video=1; got {part!r}")
+            items.append((name.strip(), value))
+    out = {}
+    for name, value in items:
+        if name not in ("image", "video"):
+            raise ValueError(f"--limit-mm-per-prompt: unknown modality {name!r} (image or video)")
+        try:
+            out[name] = int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"--limit-mm-per-prompt: {name}={value!r} is not an integer") from None
+        if out[name] < 0:
+            raise ValueError(f"--limit-mm-per-prompt: {name} must be >= 0")
+    return out
+
+
+def _split(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     engine_keys = {f.name for f in fields(EngineConfig)}
     server_keys = {f.name for f in fields(ServerConfig)}
-    eng, srv = {}, {}
+    media_keys = {f.name for f in fields(MediaConfig)}
+    eng, srv, med = {}, {}, {}
     for key, value in overrides.items():
         key = key.replace("-", "_")
+        key = _MEDIA_ALIASES.get(key, key)
         if key in engine_keys:
             eng[key] = value
         elif key in server_keys:
-            srv[key] = value
+            srv[key] = parse_mm_limits(value) if key == "limit_mm_per_prompt" else value
+        elif key in media_keys:
+            med[key] = tuple(value) if key == "allowed_media_domains" and value is not None else value
         else:
             raise ValueError(f"unknown config key {key!r}")
-    return eng, srv
+    return eng, srv, med
 
 
 def build_config(yaml_path: str | Path | None = None, **overrides: Any) -> Config:
@@ -91,5 +129,7 @@ def build_config(yaml_path: str | Path | None = None, **overrides: Any) -> Confi
         data.pop("description", None)
         merged.update(data)
     merged.update({k: v for k, v in overrides.items() if v is not None})
-    eng, srv = _split(merged)
-    return Config(engine=replace(EngineConfig(), **eng), server=replace(ServerConfig(), **srv))
+    eng, srv, med = _split(merged)
+    return Config(
+        engine=replace(EngineConfig(), **eng), server=replace(ServerConfig(), **srv), media=replace(MediaConfig(), **med)
+    )

@@ -10,7 +10,7 @@ from server.api.app import create_app
 from server.config import Config
 from server.engine.async_engine import AsyncEngine
 from server.engine.builder import build_engine
-from server.multimodal.media import MediaConfig, MediaLoader
+from server.multimodal.media import MediaLoader
 
 logger = logging.getLogger("vlmserve")
 
@@ -20,7 +20,8 @@ async def run_server(config: Config) -> None:
     name = config.server.served_model_name or parts.default_model_name
     engine = AsyncEngine(parts.core, parts.processor, model_name=name, max_model_len=parts.max_model_len)
     engine.start()
-    app = create_app(engine, config.server, MediaLoader(MediaConfig()))
+    media = MediaLoader(config.media)
+    app = create_app(engine, config.server, media)
     server = uvicorn.Server(
         uvicorn.Config(app, host=config.server.host, port=config.server.port, log_level=config.server.log_level)
     )
@@ -29,3 +30,4 @@ async def run_server(config: Config) -> None:
         await server.serve()
     finally:
         await engine.shutdown()
+        media.close()
