@@ -85,3 +85,34 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc
 
 def merge_embeddings(inputs_embeds, mm_embeds, positions):
     return _impl("merge_embeddings", inputs_embeds)(inputs_embeds, mm_embeds, positions)
+
+
+def normalize_patchify(
+    image, mean, std, patch_size, merge_size=1, temporal_patch_size=1, layout="qwen2_vl", out_dtype=torch.float32
+):
+    return _impl("normalize_patchify", image)(
+        image, mean, std, patch_size, merge_size, temporal_patch_size, layout, out_dtype
+    )
+
+
+class _KernelPackage(type(importlib)):
+    """Importing the Triton module `kernels.<op>` (by `_triton_op` or any `from kernels.<op>
+    import ...`) makes Python bind the package attribute `<op>` to that submodule, replacing
+    the dispatcher above; the next `kernels.<op>(...)` would then call a module. Keep the
+    dispatcher: the submodule stays reachable through sys.modules and `from` imports."""
+
+    def __setattr__(self, name, value):
+        current = self.__dict__.get(name)
+        if (
+            isinstance(value, type(importlib))
+            and value.__name__ == f"{self.__name__}.{name}"
+            and callable(current)
+            and not isinstance(current, type(importlib))
+        ):
+            return
+        super().__setattr__(name, value)
+
+
+import sys as _sys  # noqa: E402
+
+_sys.modules[__name__].__class__ = _KernelPackage

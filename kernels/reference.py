@@ -136,3 +136,40 @@ def paged_attention(
 def merge_embeddings(inputs_embeds: torch.Tensor, mm_embeds: torch.Tensor, positions: torch.Tensor) -> None:
     """inputs_embeds [T, H] gets mm_embeds [M, H] at rows positions [M] (int64), in place."""
     inputs_embeds[positions] = mm_embeds.to(inputs_embeds.dtype)
+
+
+PATCH_LAYOUTS = ("qwen2_vl", "patches")
+
+
+def normalize_patchify(
+    image: torch.Tensor,
+    mean: tuple[float, float, float],
+    std: tuple[float, float, float],
+    patch_size: int,
+    merge_size: int = 1,
+    temporal_patch_size: int = 1,
+    layout: str = "qwen2_vl",
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """uint8 image [H, W, 3] (already resized; H, W multiples of patch_size * merge_size) →
+    normalised patches: pixel / 255, then (x - mean[c]) / std[c], in float32.
+
+    layout "qwen2_vl" (Qwen2-VL's image processor): [grid_h * grid_w, 3 * T * P * P], rows
+    in merge-window order (window row, window col, row in window, col in window), columns
+    (channel, temporal copy, patch row, patch col); the single image is repeated over the
+    T = temporal_patch_size frames. layout "patches": [grid_h * grid_w, 3 * P * P], rows
+    row-major over the patch grid, columns (channel, patch row, patch col) — a Conv2d patch
+    embedding's order; merge_size and temporal_patch_size must be 1."""
+    if layout not in PATCH_LAYOUTS:
+        raise ValueError(f"normalize_patchify: layout must be one of {PATCH_LAYOUTS}, got {layout!r}")
+    if layout == "patches" and (merge_size != 1 or temporal_patch_size != 1):
+        raise ValueError("normalize_patchify: layout 'patches' takes merge_size = temporal_patch_size = 1")
+    h, w, c = image.shape
+    p, m, t = patch_size, merge_size, temporal_patch_size
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=image.device).view(c, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=image.device).view(c, 1, 1)
+    x = (image.permute(2, 0, 1).float() * (1.0 / 255.0) - mean_t) / std_t  # [C, H, W]
+    gh, gw = h // p, w // p
+    x = x.reshape(c, gh // m, m, p, gw // m, m, p).permute(1, 4, 2, 5, 0, 3, 6)  # [gh/m, gw/m, m, m, C, P, P]
+    x = x.unsqueeze(5).expand(*x.shape[:5], t, p, p)  # the temporal copies
+    return x.reshape(gh * gw, c * t * p * p).to(out_dtype)
