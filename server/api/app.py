@@ -1,0 +1,40 @@
+"""`create_app`: the FastAPI app over an engine.
+
+Middleware order (outermost first): API key, body size limit, then FastAPI. Both act
+before the body is parsed. Engine, config, media loader and the token renderer live on
+`app.state` and reach the routes through the `Annotated` aliases of `server/api/deps.py`.
+"""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import FastAPI
+
+from server.api.errors import install_exception_handlers
+from server.api.logprobs import TokenRenderer
+from server.api.middleware import ApiKeyMiddleware, BodySizeLimitMiddleware
+from server.api.routes import chat, completions, health, models
+from server.config import ServerConfig
+from server.engine.client import EngineClient
+from server.multimodal.media import MediaLoader
+
+
+def create_app(engine: EngineClient, config: ServerConfig, media: MediaLoader | None = None) -> FastAPI:
+    """`media` None: a `MediaLoader` with its default limits."""
+    app = FastAPI(title="vlmserve", version="0.1.0", docs_url=None, redoc_url=None)
+    app.state.engine = engine
+    app.state.config = config
+    app.state.media = media if media is not None else MediaLoader()
+    app.state.token_renderer = TokenRenderer(getattr(engine, "tokenizer", None))
+    app.state.started_at = int(time.time())
+
+    for module in (chat, completions, models, health):
+        app.include_router(module.router)
+    install_exception_handlers(app)
+
+    # add_middleware prepends: the last added is the outermost.
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=config.max_request_body_bytes)
+    if config.api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=config.api_key)
+    return app

@@ -1,0 +1,110 @@
+"""POST /v1/chat/completions."""
+
+from __future__ import annotations
+
+from typing import AsyncIterator
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from server.api.deps import EngineDep, MediaDep, TokenRendererDep
+from server.api.errors import internal_error
+from server.api.generation import (
+    SSEResponse,
+    collect_choices,
+    generate_choices,
+    guarded_stream,
+    run_unless_disconnected,
+    sse_event,
+)
+from server.api.logprobs import TokenRenderer
+from server.api.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatStreamChoice,
+)
+from server.api.routes.common import ResponseContext, check_request, make_usage, render_prompt
+from server.api.routes.conversation import load_media, to_hf_conversation
+from server.api.sampling import build_sampling_params
+from server.engine.outputs import RequestOutput
+from server.engine.sampling_params import SamplingParams
+
+router = APIRouter()
+
+
+@router.post("/v1/chat/completions", response_model=None)
+async def create_chat_completion(
+    body: ChatCompletionRequest, request: Request, engine: EngineDep, media: MediaDep, renderer: TokenRendererDep
+) -> ChatCompletionResponse | Response:
+    check_request(body, engine)
+    conversation, refs = to_hf_conversation(body.messages)
+    images, videos = await load_media(refs, media)
+    # `videos` is passed only when present: the EngineClient contract has no video input yet.
+    extra = {"videos": videos} if videos else {}
+    prompt = await render_prompt(
+        engine.render_chat(conversation, images, add_generation_prompt=body.add_generation_prompt,
+                           chat_template_kwargs=body.chat_template_kwargs, **extra),
+        param="messages",
+    )
+    prompt_len = len(prompt.prompt_token_ids)
+    params = build_sampling_params(body, defaults=engine.generation_defaults(), prompt_len=prompt_len,
+                                   max_model_len=engine.max_model_len)
+    ctx = ResponseContext.new("chatcmpl", engine.model_name)
+    outputs = generate_choices(engine, prompt, params, ctx.id)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        chunks = _stream_chunks(ctx, outputs, params, prompt_len, include_usage, renderer)
+        return SSEResponse(guarded_stream(chunks, outputs))
+    return await run_unless_disconnected(request, _full_response(ctx, outputs, params, prompt_len, renderer))
+
+
+async def _full_response(
+    ctx: ResponseContext, outputs: AsyncIterator[tuple[int, RequestOutput]], params: SamplingParams,
+    prompt_len: int, renderer: TokenRenderer,
+) -> ChatCompletionResponse:
+    collected = await collect_choices(outputs, params.n)
+    choices = []
+    for c in collected.choices:
+        if c.finish_reason is None:
+            raise internal_error()  # the engine's stream ended without a finished output
+        logprobs = renderer.chat_logprobs(c.logprobs, params.logprobs) if params.logprobs is not None else None
+        choices.append(ChatChoice(index=c.index, message=AssistantMessage(content=c.text), logprobs=logprobs,
+                                  finish_reason=c.finish_reason))
+    usage = make_usage(prompt_len, sum(c.num_output_tokens for c in collected.choices), collected.num_cached_tokens)
+    return ChatCompletionResponse(id=ctx.id, created=ctx.created, model=ctx.model, choices=choices, usage=usage)
+
+
+async def _stream_chunks(
+    ctx: ResponseContext, outputs: AsyncIterator[tuple[int, RequestOutput]], params: SamplingParams,
+    prompt_len: int, include_usage: bool, renderer: TokenRenderer,
+) -> AsyncIterator[str]:
+    exclude = None if include_usage else {"usage"}
+
+    def event(choices: list[ChatStreamChoice], **kw) -> str:
+        chunk = ChatCompletionChunk(id=ctx.id, created=ctx.created, model=ctx.model, choices=choices, **kw)
+        return sse_event(chunk.model_dump_json(exclude=exclude))
+
+    for i in range(params.n):
+        yield event([ChatStreamChoice(index=i, delta={"role": "assistant", "content": ""})])
+    num_output = [0] * params.n
+    finished = [False] * params.n
+    num_cached = 0
+    async for index, out in outputs:
+        num_output[index] = out.num_output_tokens
+        num_cached = max(num_cached, out.num_cached_tokens)
+        finish = (out.finish_reason or "stop") if out.finished else None
+        finished[index] = finished[index] or out.finished
+        logprobs = None
+        if params.logprobs is not None and out.logprobs:
+            logprobs = renderer.chat_logprobs(out.logprobs, params.logprobs)
+        if not out.text and logprobs is None and finish is None:
+            continue  # the step's text is held back (stop-string candidate, split character)
+        delta = {"content": out.text} if out.text or logprobs is not None else {}
+        yield event([ChatStreamChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=finish)])
+    if not all(finished):
+        raise internal_error()
+    if include_usage:
+        yield event([], usage=make_usage(prompt_len, sum(num_output), num_cached))

@@ -1,0 +1,69 @@
+"""Request preparation shared by the chat and completions routes."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Awaitable
+
+from server.api.errors import APIError, internal_error
+from server.api.protocol import PromptTokensDetails, SamplingRequest, Usage, unsupported_param
+from server.engine.client import EngineClient
+from server.multimodal.inputs import ProcessedPrompt
+from server.multimodal.media import MediaError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ResponseContext:
+    """What every chunk or response of one API call repeats."""
+
+    id: str
+    model: str
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @classmethod
+    def new(cls, prefix: str, model: str) -> "ResponseContext":
+        return cls(id=f"{prefix}-{uuid.uuid4().hex}", model=model)
+
+
+def check_request(request: SamplingRequest, engine: EngineClient) -> None:
+    """The checks that need no prompt: the model name and unsupported parameters."""
+    if request.model != engine.model_name:
+        raise APIError(
+            f"the model {request.model!r} does not exist on this server; it serves {engine.model_name!r}",
+            404, param="model", code="model_not_found",
+        )
+    unsupported = unsupported_param(request)
+    if unsupported is not None:
+        param, message = unsupported
+        raise APIError(message, param=param, code="unsupported_parameter")
+
+
+async def render_prompt(rendering: Awaitable[ProcessedPrompt], param: str) -> ProcessedPrompt:
+    """Awaits the engine's render_*; its ValueErrors are the client's fault (400)."""
+    try:
+        prompt = await rendering
+    except MediaError as e:
+        raise APIError(str(e), e.status_code, param=e.param or param) from None
+    except ValueError as e:
+        raise APIError(str(e), param=param) from None
+    except Exception:
+        logger.exception("rendering the prompt failed")
+        raise internal_error() from None
+    if not prompt.prompt_token_ids:
+        raise APIError("the prompt is empty after rendering; send some text", param=param)
+    return prompt
+
+
+def make_usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> Usage:
+    """`completion_tokens` sums every choice; the prompt is counted once (OpenAI's rule for n > 1)."""
+    return Usage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
+    )

@@ -1,0 +1,109 @@
+"""OpenAI chat messages → HF conversation + media references, and loading that media.
+
+The HF conversation is what chat templates take: `[{"role", "content"}]` where content is
+the message's string as-is, or a list of `{"type": "text", "text"}`, `{"type": "image"}`
+and `{"type": "video"}` parts. Media parts are replaced by these placeholders, and their
+URLs are returned in prompt order: the i-th `{"type": "image"}` is the i-th image loaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from PIL import Image
+
+from server.api.errors import APIError
+from server.api.protocol import ChatMessage, ImagePart, MediaURL, OtherPart, TextPart, VideoPart
+from server.multimodal.media import MediaError, MediaLoader
+
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+@dataclass(frozen=True)
+class MediaRef:
+    kind: Literal["image", "video"]
+    url: str
+    param: str  # where it came from, e.g. "messages[1].content[2].image_url"
+
+
+def _url(value: MediaURL | str) -> str:
+    return value if isinstance(value, str) else value.url
+
+
+def to_hf_conversation(messages: list[ChatMessage]) -> tuple[list[dict[str, Any]], list[MediaRef]]:
+    """Pure conversion; raises APIError(400) for roles and parts we cannot serve."""
+    conversation: list[dict[str, Any]] = []
+    media: list[MediaRef] = []
+    for i, msg in enumerate(messages):
+        where = f"messages[{i}]"
+        role = _ROLES.get(msg.role)
+        if role is None:
+            raise APIError(f"{where}: role {msg.role!r} is not supported (tool calling is not implemented); "
+                           "use system, user or assistant", param=f"{where}.role")
+        if msg.tool_calls:
+            raise APIError(f"{where}: tool_calls are not supported", param=f"{where}.tool_calls")
+        if msg.content is None:
+            if role != "assistant":
+                raise APIError(f"{where}: content is required for role {msg.role!r}", param=f"{where}.content")
+            conversation.append({"role": role, "content": ""})
+            continue
+        if isinstance(msg.content, str):
+            conversation.append({"role": role, "content": msg.content})
+            continue
+        parts: list[dict[str, Any]] = []
+        for j, part in enumerate(msg.content):
+            part_where = f"{where}.content[{j}]"
+            if isinstance(part, TextPart):
+                parts.append({"type": "text", "text": part.text})
+                continue
+            if isinstance(part, OtherPart):
+                raise APIError(f"{part_where}: content part type {part.type!r} is not supported; "
+                               "use text, image_url or video_url", param=f"{part_where}.type")
+            if role != "user":
+                raise APIError(f"{part_where}: images and videos are only accepted in user messages",
+                               param=part_where)
+            if isinstance(part, ImagePart):
+                media.append(MediaRef("image", _url(part.image_url), f"{part_where}.image_url"))
+                parts.append({"type": "image"})
+            elif isinstance(part, VideoPart):
+                media.append(MediaRef("video", _url(part.video_url), f"{part_where}.video_url"))
+                parts.append({"type": "video"})
+        conversation.append({"role": role, "content": parts})
+    return conversation, media
+
+
+def _media_error(exc: MediaError, ref: MediaRef) -> APIError:
+    return APIError(f"{ref.param}: {exc}", exc.status_code, param=exc.param or ref.param)
+
+
+async def _load_one(loader: MediaLoader, ref: MediaRef) -> Any:
+    try:
+        if ref.kind == "image":
+            return await loader.load_image(ref.url)
+        return await loader.load_video(ref.url)  # type: ignore[attr-defined]
+    except MediaError as e:
+        raise _media_error(e, ref) from None
+
+
+async def load_media(refs: list[MediaRef], loader: MediaLoader) -> tuple[list[Image.Image], list[Any]]:
+    """Loads every reference concurrently; returns (images, videos), each in prompt order.
+    The first failure cancels the other loads and becomes the error answered."""
+    if any(r.kind == "video" for r in refs) and not hasattr(loader, "load_video"):
+        first = next(r for r in refs if r.kind == "video")
+        raise APIError("video_url input is not supported yet; send sampled frames as image_url parts",
+                       param=first.param)
+    if not refs:
+        return [], []
+    tasks = [asyncio.ensure_future(_load_one(loader, ref)) for ref in refs]
+    try:
+        results = await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+    images = [r for r, ref in zip(results, refs, strict=True) if ref.kind == "image"]
+    videos = [r for r, ref in zip(results, refs, strict=True) if ref.kind == "video"]
+    return images, videos

@@ -1,0 +1,133 @@
+"""Incremental detokenization with stop strings, one instance per running request.
+
+Owner: `AsyncEngine` creates one per request and feeds it the request's new token ids each
+step; the text deltas it returns become `RequestOutput.text`.
+
+Decoding uses two offsets into `token_ids` (prompt tail + outputs), as TGI and vLLM do:
+- `prefix_offset`: start of a small window of already-emitted tokens, decoded again only as
+  context (SentencePiece drops a word's leading space when the word is decoded alone);
+- `read_offset`: first token whose text has not been emitted yet.
+Each token costs two decodes of the window `[prefix_offset, len)`, which stays a few tokens
+long; the output is never decoded in full again. While the window's text ends in U+FFFD
+(a multi-byte character split over tokens) nothing is emitted and the window grows until
+the character is complete.
+
+Stop strings: decoded text first goes to `_pending`. A stop string found there ends the
+request; otherwise everything is released except the longest suffix of `_pending` that is
+a prefix of some stop string (at most `max(len(stop)) - 1` characters), because the next
+tokens may complete it. `flush()` releases what is left when the request ends without a
+stop string.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from server.engine.sampling_params import SamplingParams
+
+# Prompt tokens kept as decoding context for the first output tokens.
+_PROMPT_CONTEXT_TOKENS = 5
+_REPLACEMENT_CHAR = "\ufffd"
+
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer: Any, prompt_token_ids: Sequence[int], params: SamplingParams) -> None:
+        """`tokenizer`: a transformers tokenizer (anything with `decode(ids, skip_special_tokens=...,
+        clean_up_tokenization_spaces=...)`)."""
+        self.tokenizer = tokenizer
+        self.params = params
+        context = list(prompt_token_ids[-_PROMPT_CONTEXT_TOKENS:])
+        self.token_ids: list[int] = context  # prompt tail, then every output token
+        self.prefix_offset = 0
+        self.read_offset = len(context)
+        self.num_output_tokens = 0
+        self.stop_reason: str | None = None  # the stop string that ended the request
+        self._pending = ""  # decoded, checked for stop strings, not yet returned
+        self._max_stop_len = max((len(s) for s in params.stop), default=0)
+
+    @property
+    def finished(self) -> bool:
+        return self.stop_reason is not None
+
+    def update(self, new_token_ids: Sequence[int]) -> tuple[str, str | None]:
+        """Adds a step's tokens; returns (text to emit now, the stop string if one matched).
+
+        After a stop string matched, tokens that follow it (same call or later calls) add
+        nothing: the request is over and the caller should finish it with reason "stop".
+        """
+        if self.finished:
+            return "", None
+        emitted: list[str] = []
+        for token_id in new_token_ids:
+            self.token_ids.append(token_id)
+            self.num_output_tokens += 1
+            piece = self._decode_next()
+            # Stop strings are not matched before min_tokens tokens exist: text of those
+            # tokens is released at once and can never be the start of a match.
+            if self.num_output_tokens < self.params.min_tokens or not self.params.stop:
+                emitted.append(self._pending + piece)
+                self._pending = ""
+                continue
+            self._pending += piece
+            stop = self._match_stop()
+            if stop is not None:
+                emitted.append(self._pending)
+                self._pending = ""
+                return "".join(emitted), stop
+            held = self._held_suffix_len()
+            emitted.append(self._pending[: len(self._pending) - held])
+            self._pending = self._pending[len(self._pending) - held :]
+        return "".join(emitted), None
+
+    def flush(self) -> str:
+        """The text still held back (stop-string candidates, an incomplete character at the
+        end). Call once when the request finished for another reason than a stop string."""
+        if self.finished:
+            return ""
+        tail = ""
+        if self.read_offset < len(self.token_ids):
+            prefix_text = self._decode(self.prefix_offset, self.read_offset)
+            tail = self._decode(self.prefix_offset, len(self.token_ids))[len(prefix_text) :]
+            self.prefix_offset = self.read_offset = len(self.token_ids)
+        text, self._pending = self._pending + tail, ""
+        return text
+
+    def _decode(self, start: int, end: int) -> str:
+        return self.tokenizer.decode(
+            self.token_ids[start:end],
+            skip_special_tokens=self.params.skip_special_tokens,
+            clean_up_tokenization_spaces=False,
+        )
+
+    def _decode_next(self) -> str:
+        prefix_text = self._decode(self.prefix_offset, self.read_offset)
+        new_text = self._decode(self.prefix_offset, len(self.token_ids))
+        # A skipped special token or an incomplete character adds no (final) text yet.
+        if len(new_text) <= len(prefix_text) or new_text.endswith(_REPLACEMENT_CHAR):
+            return ""
+        self.prefix_offset = self.read_offset
+        self.read_offset = len(self.token_ids)
+        return new_text[len(prefix_text) :]
+
+    def _match_stop(self) -> str | None:
+        """Earliest stop string in `_pending` (longest on a tie); truncates `_pending` there."""
+        best: tuple[int, int, str] | None = None
+        for stop in self.params.stop:
+            idx = self._pending.find(stop)
+            if idx >= 0 and (best is None or (idx, -len(stop)) < (best[0], -best[1])):
+                best = (idx, len(stop), stop)
+        if best is None:
+            return None
+        idx, length, stop = best
+        end = idx + length if self.params.include_stop_str_in_output else idx
+        self._pending = self._pending[:end]
+        self.stop_reason = stop
+        return stop
+
+    def _held_suffix_len(self) -> int:
+        """Length of the longest suffix of `_pending` that some stop string starts with."""
+        for k in range(min(len(self._pending), self._max_stop_len - 1), 0, -1):
+            suffix = self._pending[-k:]
+            if any(stop.startswith(suffix) for stop in self.params.stop):
+                return k
+        return 0

@@ -1,0 +1,211 @@
+from __future__ import annotations
+
+import re
+
+import httpx
+import openai
+import pytest
+
+from server.api.app import create_app
+from server.config import ServerConfig
+from server.multimodal.media import MediaError, MediaLoader
+from tests.api.helpers import API_KEY, MODEL, parse_sse, png_data_url
+
+USER = [{"role": "user", "content": "Say hi"}]
+
+
+def _chat(**kw):
+    return {"model": MODEL, "messages": USER, **kw}
+
+
+def _error(r: httpx.Response, status: int) -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    return err
+
+
+async def test_api_key_guards_v1_but_not_health(make_client):
+    async with make_client(api_key=API_KEY) as c:
+        err = _error(await c.post("/v1/chat/completions", json=_chat()), 401)
+        assert "missing API key" in err["message"]
+        r = await c.get("/v1/models", headers={"Authorization": "Bearer wrong"})
+        assert "invalid API key" in _error(r, 401)["message"]
+        assert r.headers["www-authenticate"] == "Bearer"
+        # Refused before the body is read: no schema error for an unauthenticated client.
+        _error(await c.post("/v1/chat/completions", json={"junk": 1}), 401)
+        r = await c.get("/v1/models", headers={"Authorization": f"Bearer {API_KEY}"})
+        assert r.status_code == 200
+        assert (await c.get("/health")).status_code == 200
+
+
+async def test_openai_client_with_a_wrong_key_gets_authentication_error(make_client):
+    http = make_client(api_key=API_KEY)
+    async with openai.AsyncOpenAI(base_url="http://test/v1", api_key="nope", http_client=http, max_retries=0) as c:
+        with pytest.raises(openai.AuthenticationError):
+            await c.models.list()
+
+
+async def test_unknown_model_is_404_model_not_found(oai):
+    with pytest.raises(openai.NotFoundError) as info:
+        await oai.chat.completions.create(model="gpt-4o", messages=USER)
+    assert info.value.code == "model_not_found"
+    assert MODEL in info.value.message
+
+
+async def test_invalid_temperature_is_400_with_the_allowed_range(client):
+    err = _error(await client.post("/v1/chat/completions", json=_chat(temperature=-1)), 400)
+    assert err["param"] == "temperature" and ">= 0" in err["message"]
+    err = _error(await client.post("/v1/chat/completions", json=_chat(top_p=1.5)), 400)
+    assert err["param"] == "top_p" and "(0, 1]" in err["message"]
+    err = _error(await client.post("/v1/chat/completions", json=_chat(logprobs=True, top_logprobs=50)), 400)
+    assert err["param"] == "top_logprobs" and "[0, 20]" in err["message"]
+
+
+async def test_schema_errors_are_422_with_the_field_path(client):
+    err = _error(await client.post("/v1/chat/completions", json=_chat(temperature="hot")), 422)
+    assert err["param"] == "temperature"
+    err = _error(await client.post("/v1/chat/completions", json={"messages": USER}), 422)
+    assert err["param"] == "model"
+    bad = [{"role": "user", "content": [{"type": "image_url", "image_url": {"no_url": 1}}]}]
+    err = _error(await client.post("/v1/chat/completions", json={"model": MODEL, "messages": bad}), 422)
+    assert err["param"] == "messages[0].content[0].image_url.url" and "Field required" in err["message"]
+    err = _error(await client.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "x"}]}), 422)
+    assert err["param"] == "messages[0].role"
+
+
+async def test_malformed_json_is_400(client):
+    r = await client.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert "not valid JSON" in _error(r, 400)["message"]
+
+
+async def test_body_over_the_limit_is_413_by_content_length(make_client, engine):
+    async with make_client(max_request_body_bytes=1000) as c:
+        big = [{"role": "user", "content": "x" * 5000}]
+        err = _error(await c.post("/v1/chat/completions", json={"model": MODEL, "messages": big}), 413)
+        assert "1000 bytes" in err["message"]
+        assert engine.chat_calls == []
+
+
+async def test_body_over_the_limit_is_413_when_streamed_without_length(make_client, engine):
+    async def body():
+        yield b'{"model": "' + MODEL.encode() + b'", "messages": [{"role": "user", "content": "'
+        for _ in range(20):
+            yield b"x" * 100
+        yield b'"}]}'
+
+    async with make_client(max_request_body_bytes=1000) as c:
+        r = await c.post("/v1/chat/completions", content=body(), headers={"content-type": "application/json"})
+        assert "1000 bytes" in _error(r, 413)["message"]
+        assert engine.chat_calls == []
+        small = await c.post("/v1/chat/completions", json=_chat())
+        assert small.status_code == 200
+
+
+async def test_bad_base64_image_is_400_naming_the_part(client, engine):
+    msgs = [{"role": "user", "content": [
+        {"type": "text", "text": "look"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,@@not-base64@@"}}]}]
+    err = _error(await client.post("/v1/chat/completions", json={"model": MODEL, "messages": msgs}), 400)
+    assert err["message"].startswith("messages[0].content[1].image_url")
+    assert engine.chat_calls == []
+
+
+async def test_render_value_error_is_400_with_its_message(client, engine):
+    engine.render_error = ValueError("the prompt has 9000 tokens, more than the 4096 the model takes")
+    err = _error(await client.post("/v1/chat/completions", json=_chat()), 400)
+    assert err["message"] == "the prompt has 9000 tokens, more than the 4096 the model takes"
+    err = _error(await client.post("/v1/completions", json={"model": MODEL, "prompt": "x"}), 400)
+    assert err["param"] == "prompt"
+
+
+async def test_max_tokens_beyond_the_context_names_both_numbers(client, engine):
+    err = _error(await client.post("/v1/chat/completions", json=_chat(max_tokens=100_000)), 400)
+    m = re.search(r"max_tokens of 100000 plus the prompt's (\d+) tokens .* context of (\d+) tokens.* at most (\d+)",
+                  err["message"])
+    assert m is not None, err["message"]
+    prompt_len, context, room = map(int, m.groups())
+    assert context == engine.max_model_len and prompt_len + room == context and prompt_len > 0
+    assert err["param"] == "max_tokens" and err["code"] == "context_length_exceeded"
+    assert engine.params == []
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"tool_choice": "auto"}, "tool_choice"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"logit_bias": {"42": 5}}, "logit_bias"),
+    ({"modalities": ["text", "audio"]}, "modalities"),
+    ({"prediction": {"type": "content", "content": "x"}}, "prediction"),
+    ({"top_logprobs": 2}, "top_logprobs"),
+])
+async def test_unsupported_behaviour_changing_params_are_400(client, extra, param):
+    err = _error(await client.post("/v1/chat/completions", json=_chat(**extra)), 400)
+    assert err["param"] == param and err["code"] == "unsupported_parameter"
+
+
+async def test_harmless_values_of_those_params_are_accepted(client):
+    r = await client.post("/v1/chat/completions", json=_chat(
+        tool_choice="none", response_format={"type": "text"}, logit_bias={}, modalities=["text"], user="u1"))
+    assert r.status_code == 200, r.text
+
+
+async def test_video_is_400_when_the_media_loader_cannot_load_video(engine):
+    class ImageOnly:
+        async def load_image(self, url: str):
+            return await MediaLoader().load_image(url)
+
+    app = create_app(engine, ServerConfig(), media=ImageOnly())  # type: ignore[arg-type]
+    msgs = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}}]}]
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+        err = _error(await c.post("/v1/chat/completions", json={"model": MODEL, "messages": msgs}), 400)
+    assert "not supported yet" in err["message"] and err["param"] == "messages[0].content[0].video_url"
+
+
+async def test_media_error_status_is_kept(engine):
+    class Refusing:
+        async def load_image(self, url: str):
+            raise MediaError("image host not allowed", status_code=403)
+
+    app = create_app(engine, ServerConfig(), media=Refusing())  # type: ignore[arg-type]
+    msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": png_data_url()}]}]
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+        err = _error(await c.post("/v1/chat/completions", json={"model": MODEL, "messages": msgs}), 403)
+    assert "image host not allowed" in err["message"]
+
+
+async def test_engine_fault_is_500_without_internals(client, engine):
+    engine.fail_after_steps = 2
+    err = _error(await client.post("/v1/chat/completions", json=_chat()), 500)
+    assert "secret" not in err["message"] and "CUDA" not in err["message"]
+
+
+async def test_engine_fault_mid_stream_becomes_an_error_event(client, engine):
+    engine.fail_after_steps = 3
+    r = await client.post("/v1/chat/completions", json=_chat(stream=True))
+    assert r.status_code == 200
+    events = parse_sse(r.text)
+    assert events[-1] == "[DONE]"
+    assert events[-2]["error"]["type"] == "server_error" and "secret" not in events[-2]["error"]["message"]
+    assert any(e.get("choices") and e["choices"][0]["delta"].get("content") for e in events[:-2])
+
+
+async def test_engine_abort_never_reaches_the_client_as_a_finish_reason(client, engine):
+    engine.abort_after_steps = 2
+    err = _error(await client.post("/v1/chat/completions", json=_chat()), 503)
+    assert "retry" in err["message"]
+    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "stream": True})
+    assert "abort" not in [c.get("finish_reason") for e in parse_sse(r.text)[:-1] for c in e.get("choices", [])]
+
+
+async def test_unknown_route_is_404_in_the_openai_shape(client):
+    assert "no such route" in _error(await client.get("/v1/nope"), 404)["message"]
+
+
+@pytest.mark.parametrize("message, param", [
+    ({"role": "tool", "content": "42", "tool_call_id": "c1"}, "messages[0].role"),
+    ({"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}, "messages[0].content[0].type"),
+])
+async def test_unsupported_message_kinds_are_400(client, message, param):
+    err = _error(await client.post("/v1/chat/completions", json={"model": MODEL, "messages": [message]}), 400)
+    assert err["param"] == param
