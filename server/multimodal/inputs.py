@@ -30,6 +30,9 @@ class MultiModalItem:
     length: int
     data: dict[str, Any]  # family-specific encoder inputs (CPU)
     is_embed: np.ndarray | None = None  # bool [length]
+    # Cross-attention families (Mllama): rows this item adds to the request's cross-attention
+    # K/V sequence (it places no rows inline: its is_embed is all False).
+    cross_attn_tokens: int = 0
 
     @property
     def num_embeds(self) -> int:
@@ -57,3 +60,8 @@ class ProcessedPrompt:
     mrope_positions: np.ndarray | None = None
     mrope_delta: int = 0
     prompt_text: str | None = None
+    # Cross-attention families: for each prompt token, the [start, end) range of the request's
+    # cross-attention K/V sequence (the items' rows, concatenated in item order) it attends
+    # to; start == end marks a token that attends to no image. Generated tokens use the
+    # last prompt token's range. int32 [len(prompt_token_ids), 2].
+    cross_ranges: np.ndarray | None = None

@@ -31,3 +31,20 @@ class ForwardBatch:
     # Host copies of query_start_loc / seq_lens, so reference kernels need no device sync.
     query_start_loc_cpu: list[int] = field(default_factory=list)
     seq_lens_cpu: list[int] = field(default_factory=list)
+    # Cross-attention (Mllama). None for inline-embedding families and for a batch where no
+    # request has images. Request i's cross K/V (all its images' rows, in item order) lives
+    # in `cross_kv_caches[j]` (one pair per cross-attention layer, same block layout as the
+    # self-attention cache) at the blocks `cross_block_tables[i]`; `cross_seq_lens[i]` rows
+    # (0: a text-only request, whose cross-attention layers are skipped).
+    cross: "CrossAttentionBatch | None" = None
+
+
+@dataclass
+class CrossAttentionBatch:
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]  # per cross layer, [blocks, block_size, Hkv, D]
+    block_tables: torch.Tensor  # int32 [num_reqs, max_cross_blocks], device
+    seq_lens: torch.Tensor  # int32 [num_reqs], device
+    # int32 [num_tokens, 2], device: the [start, end) rows of its request's cross sequence each
+    # query token attends to (start == end: it attends to no image).
+    ranges: torch.Tensor
+    seq_lens_cpu: list[int] = field(default_factory=list)

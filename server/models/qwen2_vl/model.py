@@ -122,6 +122,7 @@ class Qwen2VLForConditionalGeneration(nn.Module):
     """Parameters are allocated uninitialised: `load_weights` must run before use."""
 
     uses_mrope = True
+    cross_kv_cache_spec = None  # inline embeddings: no cross-attention K/V
 
     def __init__(self, config: Qwen2VLModelConfig, dtype: torch.dtype, device: Device) -> None:
         super().__init__()
