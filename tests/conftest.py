@@ -25,3 +25,13 @@ def tiny_ckpt_factory(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_ckpt(tiny_ckpt_factory) -> Path:
     return tiny_ckpt_factory(0)
+
+
+@pytest.fixture(autouse=True)
+def _restore_kernel_backend():
+    """Building an engine sets the process-wide kernel backend; give each test the default."""
+    import kernels
+
+    kernels.set_backend("auto")
+    yield
+    kernels.set_backend("auto")

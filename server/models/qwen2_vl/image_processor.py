@@ -1,4 +1,4 @@
-"""Qwen2-VL's image (and video) preprocessing, without torchvision.
+"""Qwen2-VL's image preprocessing, without torchvision (videos: `video_processor.py`).
 
 Matches transformers' `Qwen2VLImageProcessor` (its PIL backend, `Qwen2VLImageProcessorPil`,
 which is what `Qwen2VLImageProcessor` falls back to without torchvision):
@@ -21,7 +21,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -145,22 +145,7 @@ class Qwen2VLImageProcessor:
     def normalize_patchify(self, frames: np.ndarray) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """uint8 frames [T, H, W, 3] (T a multiple of temporal_patch_size, H and W multiples of
         `factor`) -> (float32 [grid_t * grid_h * grid_w, 3 * tp * p * p], (grid_t, grid_h, grid_w))."""
-        if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
-            raise ValueError(f"expected uint8 frames [T, H, W, 3], got {frames.dtype} {frames.shape}")
-        t, h, w, c = frames.shape
-        tp, p, m = self.temporal_patch_size, self.patch_size, self.merge_size
-        if t % tp or h % self.factor or w % self.factor:
-            raise ValueError(f"frames {frames.shape} must be T % {tp} == 0 and H, W multiples of {self.factor}")
-        grid_t, grid_h, grid_w = t // tp, h // p, w // p
-        # [T, H, W, C] float32, via one table lookup per channel.
-        x = np.empty(frames.shape, dtype=np.float32)
-        for ch in range(c):
-            np.take(self._lut[ch], frames[..., ch], out=x[..., ch])
-        x = x.reshape(grid_t, tp, grid_h // m, m, p, grid_w // m, m, p, c)
-        # -> (grid_t, h/m, w/m, merge_h, merge_w, C, tp, patch_h, patch_w)
-        x = x.transpose(0, 2, 5, 3, 6, 8, 1, 4, 7)
-        rows = np.ascontiguousarray(x).reshape(grid_t * grid_h * grid_w, c * tp * p * p)
-        return torch.from_numpy(rows), (grid_t, grid_h, grid_w)
+        return lut_normalize_patchify(frames, self._lut, self.patch_size, self.temporal_patch_size, self.merge_size)
 
     def preprocess_image(self, image: Image.Image) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """RGB image -> (pixel_values float32 [grid_h * grid_w, 3 * tp * p * p], (1, grid_h, grid_w))."""
@@ -170,27 +155,41 @@ class Qwen2VLImageProcessor:
         """uint8 [H, W, 3] -> [temporal_patch_size, H, W, 3]: an image is a still video."""
         return np.broadcast_to(pixels[None], (self.temporal_patch_size, *pixels.shape))
 
-    def preprocess_video(self, frames: Sequence[Image.Image]) -> tuple[torch.Tensor, tuple[int, int, int]]:
-        """RGB frames of one video (same size) -> (pixel_values [grid_t * grid_h * grid_w, D],
-        (grid_t, grid_h, grid_w)). Every frame is resized to the first frame's smart_resize size;
-        the last frame is repeated to fill the last temporal patch."""
-        if not frames:
-            raise ValueError("a video needs at least one frame")
-        first = frames[0]
-        if any(f.size != first.size for f in frames):
-            raise ValueError(f"all frames of a video must have the same size, got {sorted({f.size for f in frames})}")
-        h, w = self.resized_size(first.height, first.width)
-        stacked = np.stack([self.resize(f, (h, w)) for f in frames])
-        pad = -len(frames) % self.temporal_patch_size
-        if pad:
-            stacked = np.concatenate([stacked, np.repeat(stacked[-1:], pad, axis=0)])
-        return self.normalize_patchify(stacked)
-
     def content_hash(self, pixels: np.ndarray, grid_thw: tuple[int, int, int], modality: str = "image") -> str:
         """sha256 (hex) of the resized uint8 pixels, their shape, the grid and every setting."""
-        h = hashlib.sha256()
-        h.update(modality.encode())
-        h.update(repr((pixels.shape, tuple(grid_thw))).encode())
-        h.update(self.settings_key().encode())
-        h.update(np.ascontiguousarray(pixels).tobytes())
-        return h.hexdigest()
+        return pixels_hash(modality, pixels, grid_thw, self.settings_key())
+
+
+def lut_normalize_patchify(
+    frames: np.ndarray, lut: np.ndarray, patch_size: int, temporal_patch_size: int, merge_size: int
+) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """uint8 frames [T, H, W, 3] -> (float32 rows [grid_t * grid_h * grid_w, 3 * tp * p * p],
+    (grid_t, grid_h, grid_w)). `lut` (float32 [3, 256]) maps each uint8 level of a channel to its
+    normalised value; T must be a multiple of tp, H and W multiples of p * merge."""
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"expected uint8 frames [T, H, W, 3], got {frames.dtype} {frames.shape}")
+    t, h, w, c = frames.shape
+    tp, p, m = temporal_patch_size, patch_size, merge_size
+    if t % tp or h % (p * m) or w % (p * m):
+        raise ValueError(f"frames {frames.shape} must be T % {tp} == 0 and H, W multiples of {p * m}")
+    grid_t, grid_h, grid_w = t // tp, h // p, w // p
+    # [T, H, W, C] float32, via one table lookup per channel.
+    x = np.empty(frames.shape, dtype=np.float32)
+    for ch in range(c):
+        np.take(lut[ch], frames[..., ch], out=x[..., ch])
+    x = x.reshape(grid_t, tp, grid_h // m, m, p, grid_w // m, m, p, c)
+    # -> (grid_t, h/m, w/m, merge_h, merge_w, C, tp, patch_h, patch_w)
+    x = x.transpose(0, 2, 5, 3, 6, 8, 1, 4, 7)
+    rows = np.ascontiguousarray(x).reshape(grid_t * grid_h * grid_w, c * tp * p * p)
+    return torch.from_numpy(rows), (grid_t, grid_h, grid_w)
+
+
+def pixels_hash(modality: str, pixels: np.ndarray, grid_thw: tuple[int, int, int], settings: str) -> str:
+    """sha256 (hex) of the modality, the pixels' shape, the grid, the processor settings and the
+    uint8 pixels: equal hashes mean equal encoder inputs."""
+    h = hashlib.sha256()
+    h.update(modality.encode())
+    h.update(repr((pixels.shape, tuple(grid_thw))).encode())
+    h.update(settings.encode())
+    h.update(np.ascontiguousarray(pixels).tobytes())
+    return h.hexdigest()

@@ -1,13 +1,14 @@
-"""Qwen2-VL's prompt processor: conversation + images -> `ProcessedPrompt`.
+"""Qwen2-VL's prompt processor: conversation + images + videos -> `ProcessedPrompt`.
 
-Reproduces transformers' `Qwen2VLProcessor` + `Qwen2VLModel.get_rope_index`:
-- the chat template renders one `<|vision_start|><|image_pad|><|vision_end|>` per image;
-- each `<|image_pad|>` is expanded to grid_t * grid_h * grid_w / merge**2 copies (one per
-  merged 28x28 patch), the encoder rows it receives;
-- M-RoPE positions [3, L]: text tokens advance all three axes together; an image's tokens get
-  (t, row, col) offsets from the position where the image starts, and the text after it
-  resumes at (largest position used so far) + 1. A token generated at sequence index i then
-  has position i + mrope_delta on every axis.
+Reproduces transformers' `Qwen2VLProcessor` + `Qwen2VLModel.get_rope_index` (5.24):
+- the chat template renders one `<|vision_start|><|image_pad|><|vision_end|>` per image part and
+  one `<|vision_start|><|video_pad|><|vision_end|>` per video part;
+- each pad token is expanded to grid_t * grid_h * grid_w / merge**2 copies (one per merged
+  28x28 patch, per temporal patch of 2 frames for a video), the encoder rows it receives;
+- M-RoPE positions [3, L]: text tokens advance all three axes together; an image's or video's
+  tokens get (t, row, col) offsets from the position where it starts, and the text after it
+  resumes at start + max(merged rows, merged cols). A token generated at sequence index i then
+  has position i + mrope_delta on every axis (mrope_delta = max position + 1 - L).
 CPU only; runs off the event loop (called through `AsyncEngine.render_chat`).
 """
 
@@ -22,6 +23,7 @@ import torch
 from PIL import Image
 
 from server.models.qwen2_vl.image_processor import Qwen2VLImageProcessor
+from server.models.qwen2_vl.video_processor import Qwen2VLVideoProcessor, read_video_preprocessor_config
 from server.models.tokenizer import encode_prompt, load_tokenizer, render_chat
 from server.multimodal.inputs import MultiModalItem, ProcessedPrompt
 
@@ -46,7 +48,8 @@ def mrope_positions(
     """M-RoPE positions for a prompt whose vision placeholders are already expanded.
 
     `vision_spans`: (offset, length, (grid_t, grid_h, grid_w)) per image/video, sorted by
-    offset, with length == grid_t * grid_h * grid_w // merge_size**2.
+    offset, with length == grid_t * grid_h * grid_w // merge_size**2. Temporal offsets are the
+    temporal patch index (Qwen2-VL: no scaling by fps).
     Returns (positions int64 [3, L], mrope_delta = max position + 1 - L).
     """
     total = len(token_ids)
@@ -67,11 +70,20 @@ def mrope_positions(
         positions[0, offset : offset + length] = t_idx.reshape(-1) + start
         positions[1, offset : offset + length] = h_idx.reshape(-1) + start
         positions[2, offset : offset + length] = w_idx.reshape(-1) + start
-        next_pos = start + max(grid_t, llm_h, llm_w)
+        # transformers 5.24 advances by max(rows, cols) only; the original Qwen2-VL code used max(t, rows, cols).
+        next_pos = start + max(llm_h, llm_w)
         cursor = offset + length
     positions[:, cursor:] = np.arange(next_pos, next_pos + total - cursor)
     delta = int(positions.max()) + 1 - total if total else 0
     return positions, delta
+
+
+def _check_count(modality: str, placeholders: int, given: int) -> None:
+    if placeholders != given:
+        raise ValueError(
+            f"the conversation has {placeholders} {modality} placeholder(s) after applying the chat template "
+            f"but {given} {modality}(s) were given; send one {modality} part per {modality}"
+        )
 
 
 class Qwen2VLProcessor:
@@ -92,6 +104,14 @@ class Qwen2VLProcessor:
         self.image_processor = Qwen2VLImageProcessor.from_preprocessor_config(
             preprocessor, {"min_pixels": min_pixels, "max_pixels": max_pixels}
         )
+        # Videos have their own settings (see video_processor.py); the --min/max-pixels flags
+        # apply to images only, as transformers' image and video processors are separate.
+        self.video_processor = Qwen2VLVideoProcessor.from_config(read_video_preprocessor_config(self.model_dir))
+        if self.video_processor.merge_size != self.image_processor.merge_size:
+            raise ValueError(
+                f"{self.model_dir}: video merge_size {self.video_processor.merge_size} differs from the image "
+                f"merge_size {self.image_processor.merge_size}; the vision tower has one spatial merge"
+            )
         text_config = hf_config.get("text_config") or {}
         ids: dict[str, int] = {}
         for key in _TOKEN_ID_KEYS:
@@ -147,25 +167,28 @@ class Qwen2VLProcessor:
         images: list[Image.Image],
         add_generation_prompt: bool = True,
         chat_template_kwargs: dict[str, Any] | None = None,
+        videos: list[Any] | None = None,
     ) -> ProcessedPrompt:
+        """`images` in the order of the image parts; `videos` (objects with `.frames`, uint8
+        [N, H, W, 3], and `.fps`) in the order of the video parts. Items come out in prompt order."""
+        videos = list(videos or [])
         text = render_chat(self.tokenizer, conversation, add_generation_prompt, chat_template_kwargs)
         ids = np.asarray(encode_prompt(self.tokenizer, text), dtype=np.int64)
-        if (ids == self.video_token_id).any():
-            raise ValueError("video input is not supported for this model yet; send the frames as images")
-        placeholders = np.flatnonzero(ids == self.image_token_id)
-        if len(placeholders) != len(images):
-            raise ValueError(
-                f"the conversation has {len(placeholders)} image placeholder(s) after applying the chat "
-                f"template but {len(images)} image(s) were given; send one image part per image"
-            )
+        is_image, is_video = ids == self.image_token_id, ids == self.video_token_id
+        _check_count("image", int(is_image.sum()), len(images))
+        _check_count("video", int(is_video.sum()), len(videos))
+        image_iter, video_iter = iter(images), iter(enumerate(videos))
         prompt_ids: list[int] = []
         items: list[MultiModalItem] = []
         spans: list[tuple[int, int, tuple[int, int, int]]] = []
         cursor = 0
-        for placeholder, image in zip(placeholders.tolist(), images):
+        for placeholder in np.flatnonzero(is_image | is_video).tolist():
             prompt_ids.extend(ids[cursor:placeholder].tolist())
-            item = self._image_item(image, offset=len(prompt_ids))
-            prompt_ids.extend([self.image_token_id] * item.length)
+            if is_image[placeholder]:
+                item = self._image_item(next(image_iter), offset=len(prompt_ids))
+            else:
+                item = self._video_item(*next(video_iter), offset=len(prompt_ids))
+            prompt_ids.extend([int(ids[placeholder])] * item.length)
             items.append(item)
             spans.append((item.offset, item.length, tuple(item.data["grid_thw"].tolist())))
             cursor = placeholder + 1
@@ -190,6 +213,27 @@ class Qwen2VLProcessor:
             content_hash=ip.content_hash(pixels, grid, "image"),
             offset=offset,
             length=grid[0] * grid[1] * grid[2] // ip.merge_size**2,
+            data={"pixel_values": pixel_values, "grid_thw": torch.tensor(grid, dtype=torch.long)},
+        )
+
+    def _video_item(self, index: int, video: Any, offset: int) -> MultiModalItem:
+        vp = self.video_processor
+        frames = getattr(video, "frames", None)
+        if frames is None:
+            raise ValueError(
+                f"video {index}: expected decoded frames (an object with .frames, uint8 [N, H, W, 3]), "
+                f"got {type(video).__name__}"
+            )
+        frames = np.asarray(frames)
+        if frames.ndim != 4 or frames.shape[0] == 0:
+            raise ValueError(f"video {index} has no frames (shape {frames.shape}); send a clip with at least one frame")
+        resized = vp.resize(frames)  # uint8 [N, H', W', 3]
+        pixel_values, grid = vp.normalize_patchify(resized)
+        return MultiModalItem(
+            modality="video",
+            content_hash=vp.content_hash(resized, grid),
+            offset=offset,
+            length=grid[0] * grid[1] * grid[2] // vp.merge_size**2,
             data={"pixel_values": pixel_values, "grid_thw": torch.tensor(grid, dtype=torch.long)},
         )
 

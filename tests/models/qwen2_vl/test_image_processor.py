@@ -145,21 +145,3 @@ def test_patch_rows_follow_merge_windows() -> None:
         (wr * 2 + mh) * 8 + wc * 2 + mw for wr in range(2) for wc in range(4) for mh in range(2) for mw in range(2)
     ]
     assert order == expected
-
-
-def test_video_of_a_repeated_frame_equals_the_image_and_frames_fill_temporal_slots() -> None:
-    ours = Qwen2VLImageProcessor(min_pixels=3136, max_pixels=28 * 28 * 32)
-    frame_a, frame_b, frame_c = (random_image(90, 120, seed=s) for s in (1, 2, 3))
-    image_values, image_grid = ours.preprocess_image(frame_a)
-    still_values, still_grid = ours.preprocess_video([frame_a, frame_a])
-    assert still_grid == image_grid
-    assert torch.equal(still_values, image_values)
-
-    values, (t, gh, gw) = ours.preprocess_video([frame_a, frame_b, frame_c])
-    assert t == 2  # 3 frames, the last repeated to fill the second temporal patch
-    rows = values.view(t, gh * gw, 3, 2, 14 * 14)
-    single = lambda img: ours.preprocess_image(img)[0].view(gh * gw, 3, 2, 14 * 14)[:, :, 0]  # noqa: E731
-    assert torch.equal(rows[0, :, :, 0], single(frame_a))
-    assert torch.equal(rows[0, :, :, 1], single(frame_b))
-    assert torch.equal(rows[1, :, :, 0], single(frame_c))
-    assert torch.equal(rows[1, :, :, 1], single(frame_c))
