@@ -21,7 +21,7 @@ from typing import Any, AsyncIterator
 
 from PIL import Image
 
-from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.detokenizer import IncrementalDetokenizer, text_token_ids
 from server.engine.engine_core import EngineCore
 from server.engine.outputs import EngineCoreOutput, RequestOutput
 from server.engine.request import Request
@@ -213,7 +213,7 @@ class AsyncEngine:
             stream = self._streams.get(out.req_id)
             if stream is None or stream.finished:
                 continue
-            text, stop_str = stream.detok.update(out.new_token_ids)
+            text, stop_str = stream.detok.update(text_token_ids(out))
             stream.num_output_tokens += len(out.new_token_ids)
             finish_reason, stop_reason = out.finish_reason, out.stop_reason
             if stop_str is not None:

@@ -131,3 +131,12 @@ class IncrementalDetokenizer:
             if any(stop.startswith(suffix) for stop in self.params.stop):
                 return k
         return 0
+
+
+def text_token_ids(out) -> list[int]:
+    """The tokens of an EngineCoreOutput that become text: a token that stopped the request
+    (eos, or one of `stop_token_ids`) is not part of the answer, as in vLLM."""
+    ids = out.new_token_ids
+    if ids and out.finish_reason == "stop" and not isinstance(out.stop_reason, str):
+        return ids[:-1]
+    return ids

@@ -15,7 +15,7 @@ from PIL import Image
 
 from server.config import EngineConfig
 from server.engine.builder import build_engine
-from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.detokenizer import IncrementalDetokenizer, text_token_ids
 from server.engine.request import Request
 from server.engine.sampling_params import SamplingParams
 from server.multimodal.inputs import ProcessedPrompt
@@ -85,7 +85,7 @@ class LLM:
                     c.first_token_time = now
                     c.num_cached_tokens = out.num_cached_tokens
                 c.token_ids.extend(out.new_token_ids)
-                text, stop = detoks[out.req_id].update(out.new_token_ids)
+                text, stop = detoks[out.req_id].update(text_token_ids(out))
                 c.text += text
                 if stop is not None:
                     c.finish_reason, c.finish_time = "stop", now

@@ -109,3 +109,28 @@ def test_bad_image_gets_a_400_and_the_server_keeps_serving(server):
     ok = httpx.post(server + "/v1/chat/completions", json={
         "model": "tiny", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 3}, timeout=30)
     assert ok.status_code == 200
+
+
+def test_video_url_chat_is_answered(server):
+    from openai import OpenAI
+
+    from tests.multimodal.conftest import data_url, gray_clip
+
+    client = OpenAI(base_url=server + "/v1", api_key="unused")
+    video = data_url(gray_clip(n=8, rate=4, size=(64, 48)), "video/mp4")
+    r = client.chat.completions.create(model="tiny", max_tokens=5, temperature=0, messages=[{"role": "user", "content": [
+        {"type": "video_url", "video_url": {"url": video}},
+        {"type": "text", "text": "What happens in this video?"},
+    ]}])
+    assert r.usage.completion_tokens > 0
+    # 8 frames at 4 fps sampled at 2 fps → 4 frames → 2 temporal patches of at least 2x2 merged tokens
+    assert r.usage.prompt_tokens > 2 * 4
+
+
+def test_empty_video_gets_a_400(server):
+    bad = [{"role": "user", "content": [
+        {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAAAAAA"}},
+        {"type": "text", "text": "hi"},
+    ]}]
+    r = httpx.post(server + "/v1/chat/completions", json={"model": "tiny", "messages": bad}, timeout=30)
+    assert r.status_code == 400, r.text

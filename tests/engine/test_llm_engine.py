@@ -3,6 +3,7 @@ invariance, chunked prefill, preemption and prefix caching with images."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -54,13 +55,17 @@ def engines(request, tiny_ckpt_factory):
 def hf_inputs(prompt):
     ids = torch.tensor([prompt.prompt_token_ids])
     kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    # transformers needs the token modality map (1 = image, 2 = video) to build M-RoPE positions.
+    types = torch.zeros_like(ids)
+    for modality, prefix, code in (("image", "", 1), ("video", "_videos", 2)):
+        items = [it for it in prompt.mm_items if it.modality == modality]
+        if not items:
+            continue
+        kwargs["pixel_values" + prefix] = torch.cat([it.data["pixel_values"] for it in items])
+        kwargs[f"{modality}_grid_thw"] = torch.stack([torch.as_tensor(it.data["grid_thw"]) for it in items])
+        for it in items:
+            types[0, it.offset : it.offset + it.length] = code
     if prompt.mm_items:
-        kwargs["pixel_values"] = torch.cat([it.data["pixel_values"] for it in prompt.mm_items])
-        kwargs["image_grid_thw"] = torch.stack([torch.as_tensor(it.data["grid_thw"]) for it in prompt.mm_items])
-        # transformers needs the token modality map (1 = image) to build M-RoPE positions.
-        types = torch.zeros_like(ids)
-        for it in prompt.mm_items:
-            types[0, it.offset : it.offset + it.length] = 1
         kwargs["mm_token_type_ids"] = types
     return kwargs
 
@@ -73,6 +78,27 @@ def hf_greedy(hf, prompt, max_new_tokens, eos_ids):
         temperature=None, top_p=None, top_k=None, eos_token_id=sorted(eos_ids), pad_token_id=sorted(eos_ids)[0],
     )
     return out[0, kwargs["input_ids"].shape[1]:].tolist()
+
+
+def clip(num_frames: int, w: int, h: int, seed: int):
+    from server.multimodal.media import VideoFrames
+
+    frames = np.stack([np.asarray(image(w, h, seed + i)) for i in range(num_frames)])
+    return VideoFrames(frames, fps=2.0, timestamps=np.arange(num_frames) / 2.0, source_fps=25.0, duration=num_frames / 2)
+
+
+def test_video_clip_greedy_tokens_match_transformers(engines):
+    llm, hf = engines
+    video = clip(4, 84, 56, 40)
+    img = image(112, 84, 50)
+    conv = [{"role": "user", "content": [
+        {"type": "text", "text": "Watch"}, {"type": "video"}, {"type": "text", "text": "then look at"},
+        {"type": "image"}, {"type": "text", "text": "What happens?"},
+    ]}]
+    prompt = llm.processor.render_chat(conv, [img], True, None, videos=[video])
+    assert [it.modality for it in prompt.mm_items] == ["video", "image"]
+    (ours,) = llm.generate([prompt], GREEDY)
+    assert ours.token_ids == hf_greedy(hf, prompt, 12, llm.eos_token_ids)
 
 
 @pytest.mark.parametrize("case", PARITY_CASES)
