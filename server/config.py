@@ -23,6 +23,9 @@ class EngineConfig:
     # Paged KV cache.
     block_size: int = 16
     num_kv_blocks: int | None = None  # None: derived from kv_cache_memory_gb
+    # Cross-attention families (Mllama): blocks of the per-request cross K/V pool.
+    # None: a quarter of kv_cache_memory_gb on top of the self-attention cache.
+    num_cross_kv_blocks: int | None = None
     kv_cache_memory_gb: float = 1.0
     enable_prefix_caching: bool = True
     # Scheduling.

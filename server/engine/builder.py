@@ -58,6 +58,11 @@ def build_engine(config: EngineConfig) -> EngineParts:
         raise ValueError(
             f"--kv-cache-memory-gb {config.kv_cache_memory_gb} holds only {num_blocks} KV blocks; raise it"
         )
+    num_cross_blocks = 0
+    if model.cross_kv_cache_spec is not None:
+        num_cross_blocks = config.num_cross_kv_blocks or max(
+            2, int(config.kv_cache_memory_gb * 2**30 * 0.25) // kv_block_bytes(model, config.block_size, dtype, cross=True)
+        )
     runner = ModelRunner(
         model,
         num_blocks=num_blocks,
@@ -66,8 +71,9 @@ def build_engine(config: EngineConfig) -> EngineParts:
         device=device,
         eos_token_ids=frozenset(processor.eos_token_ids),
         seed=config.seed,
+        num_cross_blocks=num_cross_blocks,
     )
-    scheduler = Scheduler(config, num_blocks, max_model_len)
+    scheduler = Scheduler(config, num_blocks, max_model_len, num_cross_kv_blocks=num_cross_blocks)
     logger.info(
         "engine ready: %s on %s (%s), %d KV blocks x %d tokens, context %d",
         hf_config.get("architectures", ["?"])[0], device, dtype, num_blocks, config.block_size, max_model_len,

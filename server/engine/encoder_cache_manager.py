@@ -87,7 +87,7 @@ class EncoderCacheManager:
         """Whether the item can be encoded this step: within the step's remaining encoder
         budget, and within the cache once unreferenced entries are evicted.
         `num_reserved_rows` are rows the caller plans to allocate before this one."""
-        num_rows = request.mm_items[input_id].num_embeds
+        num_rows = request.mm_items[input_id].encoder_rows
         return (
             num_rows <= encoder_budget_left
             and num_rows + num_reserved_rows <= self.num_freeable_rows
@@ -97,7 +97,7 @@ class EncoderCacheManager:
         """Reserves rows for the item's output (the runner encodes it this step), evicting
         unreferenced entries, least recently released first."""
         item = request.mm_items[input_id]
-        content_hash, num_rows = item.content_hash, item.num_embeds
+        content_hash, num_rows = item.content_hash, item.encoder_rows
         if content_hash in self._rows:
             raise RuntimeError(
                 f"encoder output {content_hash!r} is already cached; call has_cache first"

@@ -26,8 +26,14 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def block_extra_keys(request: Request, start: int, end: int) -> list[tuple[str, int]]:
-    """(content_hash, start - item.offset) for each item overlapping tokens [start, end)."""
+    """(content_hash, start - item.offset) for each item overlapping tokens [start, end).
+
+    Cross-attention families: a token's hidden state depends on every image its request
+    holds (even tokens before the first image token), so the first block carries all of
+    them and the parent chain passes them on."""
     keys = []
+    if start == 0:
+        keys.extend((item.content_hash, -1) for item in request.mm_items if item.cross_attn_tokens)
     for item in request.mm_items:
         if item.offset >= end:
             break  # mm_items are sorted by offset

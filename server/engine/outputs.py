@@ -35,6 +35,11 @@ class NewRequestData:
     num_computed_tokens: int  # before this step (prefix-cache hits: K/V already in the blocks)
     mrope_positions: np.ndarray | None = None  # [3, num_prompt_tokens]
     mrope_delta: int = 0
+    # Cross-attention families: the request's cross K/V blocks (allocated once, at
+    # admission; the runner fills them from the encoder rows this step) and the per-prompt-
+    # token attended ranges (`ProcessedPrompt.cross_ranges`).
+    cross_block_ids: list[int] = field(default_factory=list)
+    cross_ranges: np.ndarray | None = None
 
 
 @dataclass

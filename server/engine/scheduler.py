@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from server.config import EngineConfig
+from server.engine.cross_kv_manager import CrossKVManager
 from server.engine.encoder_cache_manager import EncoderCacheManager
 from server.engine.kv_cache_manager import KVCacheManager
 from server.engine.outputs import (
@@ -55,11 +56,15 @@ class _EncoderPlan:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, num_kv_blocks: int, max_model_len: int) -> None:
+    def __init__(
+        self, config: EngineConfig, num_kv_blocks: int, max_model_len: int, num_cross_kv_blocks: int = 0
+    ) -> None:
         self.config = config
         self.max_model_len = max_model_len
         self.block_size = config.block_size
         self.kv_cache = KVCacheManager(config.block_size, num_kv_blocks, config.enable_prefix_caching)
+        # Cross-attention families only: per-request cross K/V blocks, taken at admission.
+        self.cross_kv = CrossKVManager(config.block_size, num_cross_kv_blocks) if num_cross_kv_blocks else None
         self.encoder_cache = EncoderCacheManager(config.encoder_cache_size)
         # The pool's capacity bounds one request: it must be able to run alone.
         self._kv_capacity_tokens = num_kv_blocks * config.block_size
@@ -90,12 +95,21 @@ class Scheduler:
             )
         limit = min(self.config.encoder_cache_size, self.config.max_encoder_tokens_per_step)
         for item in request.mm_items:
-            if item.num_embeds > limit:
+            if item.encoder_rows > limit:
                 raise ValueError(
-                    f"an {item.modality} needs {item.num_embeds} encoder rows but at most "
+                    f"an {item.modality} needs {item.encoder_rows} encoder rows but at most "
                     f"{limit} fit (encoder_cache_size={self.config.encoder_cache_size}, "
                     f"max_encoder_tokens_per_step={self.config.max_encoder_tokens_per_step}): "
                     "send a smaller image or raise those limits"
+                )
+        if any(item.cross_attn_tokens for item in request.mm_items):
+            if self.cross_kv is None:
+                raise ValueError("this model has no cross-attention: its items must not carry cross_attn_tokens")
+            if self.cross_kv.num_blocks_needed(request) > self.cross_kv.num_blocks:
+                raise ValueError(
+                    f"the images need {CrossKVManager.num_rows(request)} cross-attention rows but the cross "
+                    f"K/V pool holds {self.cross_kv.num_blocks * self.block_size}: send fewer or smaller "
+                    "images or raise num_cross_kv_blocks"
                 )
         request.status = RequestStatus.WAITING
         self.requests[request.request_id] = request
@@ -170,9 +184,12 @@ class Scheduler:
             request = self.waiting[0]
             hit_blocks, num_hit = self.kv_cache.get_computed_blocks(request)
             wanted = min(request.num_tokens - num_hit, token_budget)
-            plan = self._plan_encoder(request, num_hit, wanted, encoder_budget)
+            needs_cross = self.cross_kv is not None and CrossKVManager.num_rows(request) > 0
+            # A cross-attention request has every image encoded at admission: its cross K/V
+            # is written once, before its first chunk runs.
+            plan = self._plan_encoder(request, num_hit, wanted, encoder_budget, all_items=needs_cross)
             new_blocks = None
-            if plan.num_new_tokens > 0:
+            if plan.num_new_tokens > 0 and (not needs_cross or self.cross_kv.can_allocate(request)):
                 new_blocks = self.kv_cache.allocate_slots(request, plan.num_new_tokens, hit_blocks)
             if new_blocks is None:
                 # Drop the refs planning took; the entries stay cached for the next try.
@@ -187,7 +204,8 @@ class Scheduler:
             encoder_budget -= plan.num_rows
             token_budget -= plan.num_new_tokens
             num_scheduled[request.request_id] = plan.num_new_tokens
-            new_reqs.append(self._new_request_data(request, new_blocks))
+            cross_blocks = self.cross_kv.allocate(request) if needs_cross else []
+            new_reqs.append(self._new_request_data(request, new_blocks, cross_blocks))
 
         for req_id, n in num_scheduled.items():
             self.requests[req_id].num_computed_tokens += n
@@ -252,7 +270,7 @@ class Scheduler:
                 if item.offset + item.length > request.num_computed_tokens and not (
                     self.encoder_cache.contains(item.content_hash)
                 ):
-                    pending_rows += item.num_embeds
+                    pending_rows += item.encoder_rows
         return SchedulerStats(
             num_running=len(self.running),
             num_waiting=len(self.waiting),
@@ -269,7 +287,7 @@ class Scheduler:
     # ---- internals -----------------------------------------------------------------------
 
     def _plan_encoder(
-        self, request: Request, start: int, num_new_tokens: int, budget: int
+        self, request: Request, start: int, num_new_tokens: int, budget: int, all_items: bool = False
     ) -> _EncoderPlan:
         """Which items the chunk [start, start + num_new_tokens) needs encoded, shortening
         the chunk to end before the first item that cannot be encoded this step.
@@ -280,10 +298,11 @@ class Scheduler:
         end = start + num_new_tokens
         planned: set[str] = set()
         for i, item in enumerate(request.mm_items):
-            if item.offset >= end:
-                break
-            if item.offset + item.length <= start:
-                continue
+            if not all_items:
+                if item.offset >= end:
+                    break
+                if item.offset + item.length <= start:
+                    continue
             if item.content_hash in planned:
                 plan.deferred_hits.append(i)
             elif self.encoder_cache.has_cache(request, i):
@@ -292,11 +311,12 @@ class Scheduler:
                 request, i, budget - plan.num_rows, num_reserved_rows=plan.num_rows
             ):
                 plan.to_encode.append(i)
-                plan.num_rows += item.num_embeds
+                plan.num_rows += item.encoder_rows
                 planned.add(item.content_hash)
             else:
-                # The chunk stops before the item; 0 tokens when it is already inside it.
-                plan.num_new_tokens = max(0, item.offset - start)
+                # The chunk stops before the item; 0 tokens when it is already inside it, or
+                # when every item must be encoded now.
+                plan.num_new_tokens = 0 if all_items else max(0, item.offset - start)
                 break
         return plan
 
@@ -341,6 +361,8 @@ class Scheduler:
     def _preempt(self, request: Request) -> None:
         self.kv_cache.free(request)
         self.encoder_cache.free(request)
+        if self.cross_kv is not None:
+            self.cross_kv.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_preemptions += 1
@@ -350,10 +372,14 @@ class Scheduler:
     def _free_request(self, request: Request) -> None:
         self.kv_cache.free(request)
         self.encoder_cache.free(request)
+        if self.cross_kv is not None:
+            self.cross_kv.free(request)
         self._finished_req_ids.add(request.request_id)
         del self.requests[request.request_id]
 
-    def _new_request_data(self, request: Request, block_ids: list[int]) -> NewRequestData:
+    def _new_request_data(
+        self, request: Request, block_ids: list[int], cross_block_ids: list[int]
+    ) -> NewRequestData:
         if request.first_scheduled_time is None:
             request.first_scheduled_time = time.monotonic()
         return NewRequestData(
@@ -366,4 +392,6 @@ class Scheduler:
             num_computed_tokens=request.num_computed_tokens,
             mrope_positions=request.prompt.mrope_positions,
             mrope_delta=request.prompt.mrope_delta,
+            cross_block_ids=list(cross_block_ids),
+            cross_ranges=request.prompt.cross_ranges,
         )

@@ -35,6 +35,11 @@ class MultiModalItem:
     cross_attn_tokens: int = 0
 
     @property
+    def encoder_rows(self) -> int:
+        """Rows `embed_multimodal` returns for this item (what the encoder cache holds)."""
+        return self.cross_attn_tokens or self.num_embeds
+
+    @property
     def num_embeds(self) -> int:
         return self.length if self.is_embed is None else int(self.is_embed.sum())
 

@@ -34,10 +34,8 @@ class EncoderRunner:
             return
         outputs = self.model.embed_multimodal(list(todo.values()))
         for (h, item), out in zip(todo.items(), outputs):
-            if out.shape[0] != item.num_embeds:
-                raise RuntimeError(
-                    f"encoder returned {out.shape[0]} rows for an item with {item.num_embeds} placeholder embeddings"
-                )
+            if out.shape[0] != item.encoder_rows:
+                raise RuntimeError(f"encoder returned {out.shape[0]} rows for an item that needs {item.encoder_rows}")
             self.cache[h] = out
         self.num_encoder_calls += 1
         self.num_encoded_items += len(todo)

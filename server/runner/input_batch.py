@@ -27,6 +27,9 @@ class CachedRequestState:
     num_computed_tokens: int
     mrope_positions: np.ndarray | None = None  # [3, num_prompt_tokens]
     mrope_delta: int = 0
+    cross_block_ids: list[int] = field(default_factory=list)
+    cross_ranges: np.ndarray | None = None  # int32 [num_prompt_tokens, 2]
+    num_cross_rows: int = 0
 
     @property
     def output_token_ids(self) -> list[int]:
@@ -57,10 +60,47 @@ class BatchInputs:
     sampling_req_ids: list[str] = field(default_factory=list)
     logits_indices: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     mm_slices: list[MultiModalSlice] = field(default_factory=list)
+    # Cross-attention families, when any request of the step has images (else None).
+    cross: "CrossInputs | None" = None
 
     @property
     def num_tokens(self) -> int:
         return int(self.input_ids.shape[0])
+
+
+@dataclass
+class CrossInputs:
+    block_tables: np.ndarray  # int32 [B, max_cross_blocks]
+    seq_lens: np.ndarray  # int32 [B]: cross rows of each request (0: text only)
+    ranges: np.ndarray  # int32 [T, 2]: the rows each token attends to
+
+
+def _cross_ranges(state: CachedRequestState, start: int, end: int) -> np.ndarray:
+    """Prompt tokens take their own range; generated tokens the last prompt token's."""
+    out = np.empty((end - start, 2), dtype=np.int32)
+    table = state.cross_ranges
+    n_prompt_part = max(0, min(end, state.num_prompt_tokens) - start)
+    out[:n_prompt_part] = table[start : start + n_prompt_part]
+    out[n_prompt_part:] = table[state.num_prompt_tokens - 1]
+    return out
+
+
+def _build_cross(order: list[str], states: dict[str, CachedRequestState], qsl: np.ndarray) -> CrossInputs | None:
+    if not any(states[r].num_cross_rows for r in order):
+        return None
+    width = max(max(len(states[r].cross_block_ids) for r in order), 1)
+    block_tables = np.zeros((len(order), width), dtype=np.int32)
+    seq_lens = np.zeros(len(order), dtype=np.int32)
+    ranges = np.zeros((int(qsl[-1]), 2), dtype=np.int32)
+    for i, req_id in enumerate(order):
+        st = states[req_id]
+        if not st.num_cross_rows:
+            continue
+        block_tables[i, : len(st.cross_block_ids)] = st.cross_block_ids
+        seq_lens[i] = st.num_cross_rows
+        lo, hi = int(qsl[i]), int(qsl[i + 1])
+        ranges[lo:hi] = _cross_ranges(st, st.num_computed_tokens, st.num_computed_tokens + hi - lo)
+    return CrossInputs(block_tables, seq_lens, ranges)
 
 
 def _positions(state: CachedRequestState, start: int, end: int, uses_mrope: bool) -> np.ndarray:
@@ -144,6 +184,7 @@ def build_inputs(
             mm_slices.extend(_mm_slices(st, start, end, lo))
 
     return BatchInputs(
+        cross=_build_cross(order, states, query_start_loc),
         req_ids=list(order),
         input_ids=input_ids,
         positions=positions,

@@ -17,15 +17,15 @@ import kernels
 from server.engine.outputs import RunnerOutput, SchedulerOutput
 from server.models.interfaces import VLModel
 from server.runner.encoder_runner import EncoderRunner
-from server.runner.forward_batch import ForwardBatch
+from server.runner.forward_batch import CrossAttentionBatch, ForwardBatch
 from server.runner.input_batch import BatchInputs, CachedRequestState, build_inputs
 from server.runner.sampler import Sampler
 
 logger = logging.getLogger(__name__)
 
 
-def kv_block_bytes(model: VLModel, block_size: int, dtype: torch.dtype) -> int:
-    spec = model.kv_cache_spec
+def kv_block_bytes(model: VLModel, block_size: int, dtype: torch.dtype, cross: bool = False) -> int:
+    spec = model.cross_kv_cache_spec if cross else model.kv_cache_spec
     elem = torch.empty((), dtype=dtype).element_size()
     return 2 * spec.num_layers * block_size * spec.num_kv_heads * spec.head_dim * elem
 
@@ -41,6 +41,7 @@ class ModelRunner:
         device: torch.device,
         eos_token_ids: frozenset[int],
         seed: int = 0,
+        num_cross_blocks: int = 0,
     ) -> None:
         self.model = model
         self.block_size = block_size
@@ -53,6 +54,14 @@ class ModelRunner:
             (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
             for _ in range(spec.num_layers)
         ]
+        self.cross_kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        cross = model.cross_kv_cache_spec
+        if num_cross_blocks:
+            cshape = (num_cross_blocks, block_size, cross.num_kv_heads, cross.head_dim)
+            self.cross_kv_caches = [
+                (torch.zeros(cshape, dtype=dtype, device=device), torch.zeros(cshape, dtype=dtype, device=device))
+                for _ in range(cross.num_layers)
+            ]
         self.encoder = EncoderRunner(model)
         self.sampler = Sampler(eos_token_ids, seed=seed, device=device)
         self.requests: dict[str, CachedRequestState] = {}
@@ -74,6 +83,9 @@ class ModelRunner:
                 num_computed_tokens=new.num_computed_tokens,
                 mrope_positions=new.mrope_positions,
                 mrope_delta=new.mrope_delta,
+                cross_block_ids=list(new.cross_block_ids),
+                cross_ranges=new.cross_ranges,
+                num_cross_rows=sum(item.cross_attn_tokens for item in new.mm_items) if new.cross_block_ids else 0,
             )
         cached = out.scheduled_cached_reqs
         for req_id, new_blocks, computed in zip(cached.req_ids, cached.new_block_ids, cached.num_computed_tokens):
@@ -90,6 +102,9 @@ class ModelRunner:
         if out.scheduled_encoder_inputs:
             items = [self.requests[r].mm_items[i] for r, idxs in out.scheduled_encoder_inputs.items() for i in idxs]
             self.encoder.encode(items)
+        for new in out.scheduled_new_reqs:
+            if new.cross_block_ids:
+                self._write_cross_kv(self.requests[new.req_id])
 
         order = list(out.num_scheduled_tokens)
         inputs = build_inputs(order, out.num_scheduled_tokens, self.requests, self.block_size, self.model.uses_mrope)
@@ -111,6 +126,17 @@ class ModelRunner:
             self.requests[req_id].num_computed_tokens += out.num_scheduled_tokens[req_id]
         return RunnerOutput(req_ids=order, sampled_token_ids=sampled, logprobs=logprobs)
 
+    def _write_cross_kv(self, st: CachedRequestState) -> None:
+        """Once per admission: the request's encoder rows → its cross-attention K/V blocks."""
+        rows = torch.cat(
+            [self.encoder.rows(it.content_hash, 0, it.cross_attn_tokens) for it in st.mm_items if it.cross_attn_tokens]
+        )
+        pos = np.arange(rows.shape[0])
+        blocks = np.asarray(st.cross_block_ids, dtype=np.int64)
+        slots = blocks[pos // self.block_size] * self.block_size + pos % self.block_size
+        slots = torch.from_numpy(slots).to(self.device)
+        self.model.write_cross_kv(rows, slots, self.cross_kv_caches)
+
     def _forward(self, inputs: BatchInputs) -> torch.Tensor:
         dev = self.device
         batch = ForwardBatch(
@@ -126,6 +152,15 @@ class ModelRunner:
             query_start_loc_cpu=inputs.query_start_loc.tolist(),
             seq_lens_cpu=inputs.seq_lens.tolist(),
         )
+        if inputs.cross is not None:
+            c = inputs.cross
+            batch.cross = CrossAttentionBatch(
+                kv_caches=self.cross_kv_caches,
+                block_tables=torch.from_numpy(c.block_tables).to(dev),
+                seq_lens=torch.from_numpy(c.seq_lens).to(dev),
+                ranges=torch.from_numpy(c.ranges).to(dev),
+                seq_lens_cpu=c.seq_lens.tolist(),
+            )
         input_ids = torch.from_numpy(inputs.input_ids).to(dev)
         positions = torch.from_numpy(inputs.positions).to(dev)
         embeds = self.model.embed_input_ids(input_ids)
