@@ -227,3 +227,23 @@ def test_repeated_image_question_hits_the_prefix_cache_and_another_image_does_no
     assert kv.prefix_cache_hits > 0
     # The image of the repeated request was not encoded twice.
     assert llm.runner.encoder.num_encoded_items == 2
+
+
+def test_triton_backend_in_the_interpreter_serves_the_same_greedy_tokens_as_transformers(tiny_ckpt):
+    """--kernel-backend triton: every kernel op runs as a Triton kernel (the interpreter on a
+    CPU box), and the tokens still equal transformers'."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    import kernels
+
+    llm = make_llm(tiny_ckpt, kernel_backend="triton")
+    assert kernels.get_backend() == "triton"
+    hf = Qwen2VLForConditionalGeneration.from_pretrained(tiny_ckpt, dtype=torch.float32).eval()
+    img = image(112, 84, 60)
+    prompt = llm.render_chat([user(img, "What is it?")], [img])
+    params = SamplingParams(temperature=0.0, max_tokens=6)
+    (ours,) = llm.generate([prompt], params)
+    assert ours.token_ids == hf_greedy(hf, prompt, 6, llm.eos_token_ids)
+    used = {name for name, op in kernels._triton_ops.items() if op is not None}
+    assert {"rms_norm", "silu_and_mul", "rotary", "varlen_attention", "paged_attention", "write_kv",
+            "merge_embeddings"} <= used
