@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 from PIL import Image
 
@@ -27,3 +36,49 @@ def image(w: int, h: int, seed: int) -> Image.Image:
 def user(*parts) -> dict:
     content = [{"type": "image"} if isinstance(p, Image.Image) else {"type": "text", "text": p} for p in parts]
     return {"role": "user", "content": content}
+
+
+def png_data_url(img: Image.Image) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def launch_server(model_dir: Path, workdir: Path, *extra_args: str, env: dict | None = None):
+    """`vlmserve serve` in a subprocess on a free loopback port; yields its base URL once
+    /health answers 200, and stops it afterwards."""
+    port = _free_port()
+    log = workdir / "server.log"
+    full_env = dict(os.environ, VLMSERVE_CACHE=str(workdir / "cache"), **(env or {}))
+    args = [sys.executable, "-m", "server.cli", "serve", "--model", str(model_dir), "--port", str(port),
+            "--served-model-name", "tiny", "--num-kv-blocks", "256", "--max-model-len", "2048", *extra_args]
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, env=full_env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited early:\n{log.read_text()}")
+            try:
+                if httpx.get(base + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server did not become healthy:\n{log.read_text()}")
+            time.sleep(0.2)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()

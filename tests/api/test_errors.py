@@ -209,3 +209,18 @@ async def test_unknown_route_is_404_in_the_openai_shape(client):
 async def test_unsupported_message_kinds_are_400(client, message, param):
     err = _error(await client.post("/v1/chat/completions", json={"model": MODEL, "messages": [message]}), 400)
     assert err["param"] == param
+
+
+async def test_more_images_than_limit_mm_per_prompt_is_refused_before_loading(make_client, engine):
+    from tests.api.helpers import MODEL, png_data_url
+
+    parts = [{"type": "image_url", "image_url": {"url": png_data_url()}} for _ in range(3)]
+    body = {"model": MODEL, "messages": [{"role": "user", "content": parts + [{"type": "text", "text": "hi"}]}]}
+    async with make_client(limit_mm_per_prompt={"image": 2}) as c:
+        r = await c.post("/v1/chat/completions", json=body)
+        assert r.status_code == 400
+        err = r.json()["error"]
+        assert "3 images" in err["message"] and "at most 2" in err["message"]
+        assert "--limit-mm-per-prompt" in err["message"]
+        body["messages"][0]["content"] = parts[:2] + [{"type": "text", "text": "hi"}]
+        assert (await c.post("/v1/chat/completions", json=body)).status_code == 200

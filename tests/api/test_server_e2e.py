@@ -2,68 +2,22 @@
 
 from __future__ import annotations
 
-import base64
-import io
-import os
-import socket
-import subprocess
-import sys
-import time
 
 import httpx
 import pytest
 
-from tests.utils import image
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _data_url(img) -> str:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+from tests.utils import image, launch_server, png_data_url
 
 
 @pytest.fixture(scope="module")
 def server(tiny_ckpt, tmp_path_factory):
-    port = _free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    env = dict(os.environ, VLMSERVE_CACHE=str(tmp_path_factory.mktemp("cache")))
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "serve", "--model", str(tiny_ckpt), "--port", str(port),
-             "--served-model-name", "tiny", "--num-kv-blocks", "256", "--max-model-len", "2048"],
-            stdout=fh, stderr=subprocess.STDOUT, env=env,
-        )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited early:\n{log.read_text()}")
-        try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    else:
-        proc.kill()
-        pytest.fail(f"server did not become healthy:\n{log.read_text()}")
-    yield base
-    proc.terminate()
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    with launch_server(tiny_ckpt, tmp_path_factory.mktemp("server")) as base:
+        yield base
 
 
 def _messages(img):
     return [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": _data_url(img)}},
+        {"type": "image_url", "image_url": {"url": png_data_url(img)}},
         {"type": "text", "text": "What is in this image?"},
     ]}]
 

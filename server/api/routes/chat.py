@@ -7,7 +7,7 @@ from typing import AsyncIterator
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from server.api.deps import EngineDep, MediaDep, TokenRendererDep
+from server.api.deps import ConfigDep, EngineDep, MediaDep, TokenRendererDep
 from server.api.errors import internal_error
 from server.api.generation import (
     SSEResponse,
@@ -27,7 +27,7 @@ from server.api.protocol import (
     ChatStreamChoice,
 )
 from server.api.routes.common import ResponseContext, check_request, make_usage, render_prompt
-from server.api.routes.conversation import load_media, to_hf_conversation
+from server.api.routes.conversation import check_media_limits, load_media, to_hf_conversation
 from server.api.sampling import build_sampling_params
 from server.engine.outputs import RequestOutput
 from server.engine.sampling_params import SamplingParams
@@ -37,12 +37,14 @@ router = APIRouter()
 
 @router.post("/v1/chat/completions", response_model=None)
 async def create_chat_completion(
-    body: ChatCompletionRequest, request: Request, engine: EngineDep, media: MediaDep, renderer: TokenRendererDep
+    body: ChatCompletionRequest, request: Request, engine: EngineDep, media: MediaDep, renderer: TokenRendererDep,
+    config: ConfigDep,
 ) -> ChatCompletionResponse | Response:
     check_request(body, engine)
     conversation, refs = to_hf_conversation(body.messages)
+    check_media_limits(refs, config.limit_mm_per_prompt)
     images, videos = await load_media(refs, media)
-    # `videos` is passed only when present: the EngineClient contract has no video input yet.
+    # `videos` is passed only when present, so engines of image-only families need no video argument.
     extra = {"videos": videos} if videos else {}
     prompt = await render_prompt(
         engine.render_chat(conversation, images, add_generation_prompt=body.add_generation_prompt,

@@ -107,3 +107,15 @@ async def load_media(refs: list[MediaRef], loader: MediaLoader) -> tuple[list[Im
     images = [r for r, ref in zip(results, refs, strict=True) if ref.kind == "image"]
     videos = [r for r, ref in zip(results, refs, strict=True) if ref.kind == "video"]
     return images, videos
+
+
+def check_media_limits(refs: list[MediaRef], limits: dict[str, int]) -> None:
+    """`--limit-mm-per-prompt`: refuse before anything is fetched or decoded."""
+    for kind, limit in limits.items():
+        count = sum(1 for r in refs if r.kind == kind)
+        if count > limit:
+            raise APIError(
+                f"this request has {count} {kind}s but at most {limit} are allowed per request "
+                f"(--limit-mm-per-prompt {kind}=N raises it)",
+                400, param="messages", code="too_many_media",
+            )
