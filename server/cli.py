@@ -86,7 +86,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
 def cmd_make_tiny_model(args: argparse.Namespace) -> None:
     from server.models.registry import make_tiny_model
 
-    out = make_tiny_model(args.family, Path(args.out), seed=args.seed)
+    if args.format is not None and args.family != "pixtral":
+        raise SystemExit("--format applies to --family pixtral only")
+    extra = {"format": args.format} if args.format is not None else {}
+    out = make_tiny_model(args.family, Path(args.out), seed=args.seed, **extra)
     print(out)
 
 
@@ -103,6 +106,12 @@ def cmd_bench(args: argparse.Namespace) -> None:
         max_tokens=args.max_tokens,
         seed=args.bench_seed,
     )
+
+
+def cmd_bench_preprocess(args: argparse.Namespace) -> None:
+    from server.bench_preprocess import run_preprocess_bench
+
+    run_preprocess_bench(num_images=args.num_images, workers=args.workers)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,7 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
 
     tiny = sub.add_parser("make-tiny-model", help="write a tiny random-weight checkpoint in the HF on-disk format")
-    tiny.add_argument("--family", required=True, choices=["qwen2_vl"])
+    tiny.add_argument("--family", required=True, choices=["qwen2_vl", "pixtral"])
+    tiny.add_argument("--format", choices=["hf", "mistral"], default=None,
+                      help="Pixtral only: the Hugging Face layout (default) or Mistral's (params.json, tekken.json)")
     tiny.add_argument("--out", required=True)
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=cmd_make_tiny_model)
@@ -152,6 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-tokens", type=int, default=64)
     bench.add_argument("--bench-seed", type=int, default=0)
     bench.set_defaults(func=cmd_bench)
+
+    pre = sub.add_parser("bench-preprocess", help="Qwen2-VL image preprocessing: ours vs transformers, images/s")
+    pre.add_argument("--num-images", type=int, default=8)
+    pre.add_argument("--workers", type=int, default=2)
+    pre.set_defaults(func=cmd_bench_preprocess)
     return parser
 
 

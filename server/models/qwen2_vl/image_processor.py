@@ -173,15 +173,22 @@ def lut_normalize_patchify(
     if t % tp or h % (p * m) or w % (p * m):
         raise ValueError(f"frames {frames.shape} must be T % {tp} == 0 and H, W multiples of {p * m}")
     grid_t, grid_h, grid_w = t // tp, h // p, w // p
-    # [T, H, W, C] float32, via one table lookup per channel.
-    x = np.empty(frames.shape, dtype=np.float32)
+    rows = grid_t * grid_h * grid_w
+    # An image is one frame repeated over the temporal patch: permute and look up that frame
+    # once and copy the result, instead of doing the work tp times.
+    still = t == tp and frames.strides[0] == 0
+    src, tps = (frames[:1], 1) if still else (frames, tp)
+    # Permute the uint8 pixels (a quarter of the bytes of float32) into the row layout
+    # (grid_t, h/m, w/m, merge_h, merge_w, C, tp, patch_h, patch_w), then one table lookup per
+    # channel writes the float32 rows directly.
+    u = src.reshape(grid_t, tps, grid_h // m, m, p, grid_w // m, m, p, c).transpose(0, 2, 5, 3, 6, 8, 1, 4, 7)
+    u = np.ascontiguousarray(u).reshape(rows, c, tps, p * p)
+    x = np.empty((rows, c, tp, p * p), dtype=np.float32)
     for ch in range(c):
-        np.take(lut[ch], frames[..., ch], out=x[..., ch])
-    x = x.reshape(grid_t, tp, grid_h // m, m, p, grid_w // m, m, p, c)
-    # -> (grid_t, h/m, w/m, merge_h, merge_w, C, tp, patch_h, patch_w)
-    x = x.transpose(0, 2, 5, 3, 6, 8, 1, 4, 7)
-    rows = np.ascontiguousarray(x).reshape(grid_t * grid_h * grid_w, c * tp * p * p)
-    return torch.from_numpy(rows), (grid_t, grid_h, grid_w)
+        x[:, ch, :tps] = lut[ch][u[:, ch]]
+    if still:
+        x[:, :, 1:] = x[:, :, :1]
+    return torch.from_numpy(x.reshape(rows, c * tp * p * p)), (grid_t, grid_h, grid_w)
 
 
 def pixels_hash(modality: str, pixels: np.ndarray, grid_thw: tuple[int, int, int], settings: str) -> str:
