@@ -99,8 +99,11 @@ class Qwen2VLProcessor:
     ) -> None:
         self.model_dir = Path(model_dir)
         self.tokenizer = load_tokenizer(self.model_dir)
-        # A checkpoint without preprocessor_config.json gets transformers' class defaults.
-        preprocessor = _read_json(self.model_dir / "preprocessor_config.json")
+        # Where transformers looks, in its order: processor_config.json's nested
+        # "image_processor" (what transformers 5 saves), then preprocessor_config.json (the
+        # published layout); neither: transformers' class defaults.
+        nested = _read_json(self.model_dir / "processor_config.json") or {}
+        preprocessor = nested.get("image_processor") or _read_json(self.model_dir / "preprocessor_config.json")
         self.image_processor = Qwen2VLImageProcessor.from_preprocessor_config(
             preprocessor, {"min_pixels": min_pixels, "max_pixels": max_pixels}
         )

@@ -208,3 +208,28 @@ def test_do_sample_false_means_greedy_and_nested_text_config_is_read(tiny_dir: P
 def test_config_ids_that_disagree_with_the_tokenizer_are_rejected(tiny_dir: Path, hf_config: dict) -> None:
     with pytest.raises(ValueError, match="do not belong together"):
         Qwen2VLProcessor(tiny_dir, {**hf_config, "image_token_id": hf_config["image_token_id"] + 1})
+
+
+def test_image_settings_nested_in_processor_config_win_as_in_transformers(tiny_dir: Path, hf_config: dict,
+                                                                          tmp_path: Path) -> None:
+    """transformers 5 saves a processor as processor_config.json with a nested "image_processor"
+    (and no preprocessor_config.json); AutoImageProcessor reads that first."""
+    from transformers import AutoImageProcessor
+
+    ckpt = tmp_path / "v5_layout"
+    shutil.copytree(tiny_dir, ckpt)
+    legacy = json.loads((ckpt / "preprocessor_config.json").read_text())
+    (ckpt / "preprocessor_config.json").write_text(json.dumps({**legacy, "max_pixels": 12845056}))
+    nested = {**legacy, "size": {"shortest_edge": 3136, "longest_edge": 50176}}
+    nested.pop("min_pixels"), nested.pop("max_pixels")
+    (ckpt / "processor_config.json").write_text(json.dumps({"image_processor": nested,
+                                                            "processor_class": "Qwen2VLProcessor"}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = AutoImageProcessor.from_pretrained(ckpt)
+    ours_v5 = Qwen2VLProcessor(ckpt, hf_config)
+    img = image(448, 448, seed=3)
+    prompt = ours_v5.render_chat([{"role": "user", "content": [{"type": "image"}]}], [img])
+    expected_grid = reference(images=img, return_tensors="pt")["image_grid_thw"][0].tolist()
+    assert prompt.mm_items[0].data["grid_thw"].tolist() == expected_grid == [1, 16, 16]
+    assert prompt.mm_items[0].length == 64
