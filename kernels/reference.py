@@ -119,18 +119,44 @@ def paged_attention(
 ) -> torch.Tensor:
     """Causal attention of a step's queries against the paged cache. Request i's queries are
     q[query_start_loc[i]:query_start_loc[i+1]], the last tokens of its context of seq_lens[i]
-    tokens, all of whose K/V are already in the cache. Returns [T, Hq, D]."""
+    tokens, all of whose K/V are already in the cache. Returns [T, Hq, D].
+
+    Decodes (one query) are done together in one batched product; prefill chunks one by one."""
     out = torch.empty_like(q)
     starts = query_start_loc.tolist()
     lens = seq_lens.tolist()
+    decodes = [i for i in range(len(lens)) if starts[i + 1] - starts[i] == 1]
+    if decodes:
+        rows = [starts[i] for i in decodes]
+        out[rows] = _decode_attention(q[rows], k_cache, v_cache, block_tables[decodes], seq_lens[decodes], scale)
     for i, seq_len in enumerate(lens):
         s, e = starts[i], starts[i + 1]
-        if e == s:
+        if e - s <= 1:
             continue
         k = gather_kv(k_cache, block_tables[i], seq_len)
         v = gather_kv(v_cache, block_tables[i], seq_len)
         out[s:e] = _attend(q[s:e], k, v, scale, seq_len - (e - s))
     return out
+
+
+def _decode_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    seq_lens: torch.Tensor, scale: float,
+) -> torch.Tensor:
+    """One query per request: q [B, Hq, D] against each request's first seq_lens[b] cached
+    rows, gathered into [B, L, Hk, D] (L = the longest) and masked past each length."""
+    nb, bs, hk, d = k_cache.shape
+    b, hq, _ = q.shape
+    length = int(seq_lens.max())
+    j = torch.arange(length, device=q.device)
+    slots = block_tables[:, j // bs].long() * bs + j % bs  # [B, L]
+    k = k_cache.view(nb * bs, hk, d)[slots].float()  # [B, L, Hk, D]
+    v = v_cache.view(nb * bs, hk, d)[slots].float()
+    qg = q.float().view(b, hk, hq // hk, d)  # GQA: query heads grouped by their kv head
+    scores = torch.einsum("bkgd,blkd->bkgl", qg, k) * scale
+    scores = scores.masked_fill((j[None, :] >= seq_lens[:, None]).view(b, 1, 1, length), float("-inf"))
+    out = torch.einsum("bkgl,blkd->bkgd", scores.softmax(dim=-1), v)
+    return out.reshape(b, hq, d).to(q.dtype)
 
 
 def merge_embeddings(inputs_embeds: torch.Tensor, mm_embeds: torch.Tensor, positions: torch.Tensor) -> None:
@@ -173,3 +199,50 @@ def normalize_patchify(
     x = x.reshape(c, gh // m, m, p, gw // m, m, p).permute(1, 4, 2, 5, 0, 3, 6)  # [gh/m, gw/m, m, m, C, P, P]
     x = x.unsqueeze(5).expand(*x.shape[:5], t, p, p)  # the temporal copies
     return x.reshape(gh * gw, c * t * p * p).to(out_dtype)
+
+
+def cross_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    ranges: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Non-causal attention of each query to a row range of its request's paged sequence.
+
+    Request i owns queries q[query_start_loc[i]:query_start_loc[i+1]] and the first
+    seq_lens[i] rows stored at the blocks block_tables[i]. Query t attends to the rows
+    [ranges[t, 0], ranges[t, 1]) (int32 [T, 2], 0 <= start <= end <= seq_lens[i]).
+
+    An empty range (start == end) attends to ALL seq_lens[i] rows of its request: this is
+    what transformers' Mllama computes for a text token that may see no image (its additive
+    mask row is all "masked", and `full_text_row_masked_out_mask` then zeroes that row of the
+    mask, leaving it unmasked). A request with seq_lens[i] == 0 has no rows: its queries get
+    zeros (callers skip them). Returns [T, Hq, D] in q's dtype."""
+    out = torch.zeros_like(q)
+    starts = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    for i, seq_len in enumerate(lens):
+        s, e = starts[i], starts[i + 1]
+        if e == s or seq_len == 0:
+            continue
+        k = gather_kv(k_cache, block_tables[i], seq_len)
+        v = gather_kv(v_cache, block_tables[i], seq_len)
+        lo, hi = ranges[s:e, 0].long(), ranges[s:e, 1].long()
+        if bool(((lo < 0) | (hi < lo) | (hi > seq_len)).any()):
+            raise ValueError(f"cross_attention: request {i} has a range outside [0, {seq_len}]")
+        hq, hk = q.shape[1], k.shape[1]
+        if hq != hk:
+            k = k.repeat_interleave(hq // hk, dim=1)
+            v = v.repeat_interleave(hq // hk, dim=1)
+        qt, kt, vt = q[s:e].transpose(0, 1).float(), k.transpose(0, 1).float(), v.transpose(0, 1).float()
+        scores = torch.matmul(qt, kt.transpose(1, 2)) * scale  # [H, Lq, S]
+        j = torch.arange(seq_len, device=q.device).unsqueeze(0)  # [1, S]
+        outside = (j < lo.unsqueeze(1)) | (j >= hi.unsqueeze(1))  # [Lq, S]
+        outside &= (hi > lo).unsqueeze(1)  # empty range: every row is attended
+        scores = scores.masked_fill(outside.unsqueeze(0), float("-inf"))
+        out[s:e] = torch.matmul(torch.softmax(scores, dim=-1), vt).transpose(0, 1).to(q.dtype)
+    return out
