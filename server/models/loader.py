@@ -49,10 +49,27 @@ def resolve_model_dir(path_or_repo_id: str | Path, revision: str | None = None) 
     return Path(local)
 
 
+MISTRAL_FORMAT_ARCHITECTURE = "PixtralForConditionalGeneration"
+
+
 def read_hf_config(model_dir: str | Path) -> dict[str, Any]:
+    """config.json; or, for a Mistral-format checkpoint (params.json, no config.json), a
+    stand-in `{"architectures": [...], "mistral_params": <params.json>}` the registry maps to
+    the family that reads that format (Pixtral: params.json with a vision_encoder section)."""
     path = Path(model_dir) / "config.json"
+    params = Path(model_dir) / "params.json"
+    if not path.is_file() and params.is_file():
+        mistral_params = json.loads(params.read_text())
+        if not mistral_params.get("vision_encoder"):
+            raise ValueError(
+                f"{params} describes a Mistral-format text-only model; only Mistral-format Pixtral "
+                "(params.json with a vision_encoder section) is supported"
+            )
+        return {"architectures": [MISTRAL_FORMAT_ARCHITECTURE], "mistral_params": mistral_params}
     if not path.is_file():
-        raise FileNotFoundError(f"{model_dir} has no config.json; is it a Hugging Face checkpoint directory?")
+        raise FileNotFoundError(
+            f"{model_dir} has no config.json (nor a Mistral-format params.json); is it a checkpoint directory?"
+        )
     return json.loads(path.read_text())
 
 

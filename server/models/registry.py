@@ -48,7 +48,39 @@ FAMILIES: tuple[ModelFamily, ...] = (
         model_class_path="server.models.qwen2_vl.model.Qwen2VLForConditionalGeneration",
         processor_class_path="server.models.qwen2_vl.processor.Qwen2VLProcessor",
     ),
+    ModelFamily(
+        name="pixtral",
+        # "PixtralForConditionalGeneration": the name the loader gives a Mistral-format
+        # checkpoint (params.json with a vision_encoder section; see loader.read_hf_config).
+        architectures=("LlavaForConditionalGeneration", "PixtralForConditionalGeneration"),
+        config_class_path="server.models.pixtral.config.PixtralModelConfig",
+        model_class_path="server.models.pixtral.model.PixtralForConditionalGeneration",
+        processor_class_path="server.models.pixtral.processor.PixtralProcessor",
+        accepts=lambda cfg: "mistral_params" in cfg or (cfg.get("vision_config") or {}).get("model_type") == "pixtral",
+    ),
+    ModelFamily(
+        name="mllama",
+        architectures=("MllamaForConditionalGeneration",),
+        config_class_path="server.models.mllama.config.MllamaModelConfig",
+        model_class_path="server.models.mllama.model.MllamaForConditionalGeneration",
+        processor_class_path="server.models.mllama.processor.MllamaProcessor",
+    ),
 )
+
+# family name -> import path of its tiny-checkpoint writer `(out_dir, seed=..., **kw) -> Path`.
+TINY_MAKERS: dict[str, str] = {
+    "qwen2_vl": "server.models.qwen2_vl.tiny.make_tiny_qwen2_vl",
+    "pixtral": "server.models.pixtral.tiny.make_tiny_pixtral",
+    "mllama": "server.models.mllama.tiny.make_tiny_mllama",
+}
+
+
+def make_tiny_model(family: str, out_dir: Any, seed: int = 0, **kwargs: Any) -> Any:
+    """Write a tiny random-weight checkpoint of `family` into `out_dir`; family-specific options
+    (Pixtral's `format="hf" | "mistral"`) pass through `kwargs`. Returns the directory."""
+    if family not in TINY_MAKERS:
+        raise ValueError(f"no tiny model for family {family!r}; known: {', '.join(sorted(TINY_MAKERS))}")
+    return _import(TINY_MAKERS[family])(out_dir, seed=seed, **kwargs)
 
 
 def supported_architectures() -> list[str]:

@@ -1,0 +1,214 @@
+"""Pixtral model dimensions, parsed once from a checkpoint's configuration.
+
+Three on-disk layouts are accepted:
+- the published Hugging Face one (`mistral-community/pixtral-12b`): `LlavaForConditionalGeneration`
+  with a `text_config` (Mistral) and a `vision_config` (`model_type: "pixtral"`) that both
+  omit keys equal to the transformers class defaults (e.g. `num_attention_heads`), and
+  `rope_theta` as a plain key;
+- the transformers-5 one (`save_pretrained`): the same, with `rope_parameters` dicts;
+- the Mistral one (`mistralai/Pixtral-12B-2409`): `params.json`, see `mistral_format.py`,
+  which the loader hands over as `{"architectures": [...], "mistral_params": {...}}`.
+
+Missing keys take the defaults of transformers' `MistralConfig` / `PixtralVisionConfig` /
+`LlavaConfig`, so a config parses to what transformers would build from it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+# transformers' class defaults (MistralConfig, PixtralVisionConfig, LlavaConfig).
+_TEXT_DEFAULTS = dict(
+    vocab_size=32000,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    rms_norm_eps=1e-6,
+    rope_theta=10000.0,
+    max_position_embeddings=4096 * 32,
+)
+_VISION_DEFAULTS = dict(
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    num_channels=3,
+    image_size=1024,
+    patch_size=16,
+    hidden_act="gelu",
+    rope_theta=10000.0,
+)
+# The published tokenizer's ids (Tekken: special tokens first).
+IMAGE_TOKEN_ID, IMAGE_BREAK_TOKEN_ID, IMAGE_END_TOKEN_ID = 10, 12, 13
+VISION_ACTS = ("silu", "gelu")  # the gate activation of the vision MLP
+PROJECTOR_ACTS = ("gelu",)
+
+
+@dataclass(frozen=True)
+class PixtralVisionModelConfig:
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_channels: int
+    image_size: int  # the longest image side the processor lets through, in pixels
+    patch_size: int
+    hidden_act: str
+    rope_theta: float
+    rms_norm_eps: float = 1e-5  # ln_pre and the layer norms: fixed in both implementations
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def patch_input_dim(self) -> int:
+        """Width of one flattened patch: C * P * P, in Conv2d weight order (c, row, col)."""
+        return self.num_channels * self.patch_size**2
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"vision hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"({self.num_attention_heads})"
+            )
+        if self.head_dim % 4:
+            # The 2-D RoPE gives a quarter of the head dim to rows and a quarter to columns.
+            raise ValueError(f"vision head_dim ({self.head_dim}) must be divisible by 4 for the 2-D RoPE")
+        if self.hidden_act not in VISION_ACTS:
+            raise ValueError(f"vision hidden_act {self.hidden_act!r} is not supported; expected one of {VISION_ACTS}")
+
+    @classmethod
+    def from_hf_config(cls, d: dict[str, Any]) -> PixtralVisionModelConfig:
+        v = {**_VISION_DEFAULTS, **{k: d[k] for k in _VISION_DEFAULTS if d.get(k) is not None}}
+        rope = d.get("rope_parameters") or {}
+        heads = int(v["num_attention_heads"])
+        head_dim = d.get("head_dim")
+        if head_dim is not None and int(head_dim) != int(v["hidden_size"]) // heads:
+            # transformers recomputes head_dim as hidden/heads and ignores the key.
+            raise ValueError(f"vision_config.head_dim {head_dim} differs from hidden_size / num_attention_heads")
+        return cls(
+            hidden_size=int(v["hidden_size"]),
+            intermediate_size=int(v["intermediate_size"]),
+            num_hidden_layers=int(v["num_hidden_layers"]),
+            num_attention_heads=heads,
+            num_channels=int(v["num_channels"]),
+            image_size=_side(v["image_size"]),
+            patch_size=_side(v["patch_size"]),
+            hidden_act=str(v["hidden_act"]),
+            rope_theta=float(rope.get("rope_theta", v["rope_theta"])),
+        )
+
+
+@dataclass(frozen=True)
+class PixtralModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int  # given explicitly by Pixtral-12B (128 != 5120 / 32)
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    vision: PixtralVisionModelConfig
+    projector_hidden_act: str = "gelu"
+    projector_bias: bool = True
+    # Index into the vision tower's hidden states [after ln_pre, after layer 1, ..., after
+    # layer N]; -1 (Pixtral) is the last layer's output.
+    vision_feature_layer: int = -1
+    image_token_id: int = IMAGE_TOKEN_ID
+    image_break_token_id: int = IMAGE_BREAK_TOKEN_ID
+    image_end_token_id: int = IMAGE_END_TOKEN_ID
+    checkpoint_dtype: str | None = None
+    weight_format: str = "hf"  # "hf" | "mistral" (consolidated.safetensors names)
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    @property
+    def vision_layers_used(self) -> int:
+        """Vision layers whose output the projector reads (the rest need not run)."""
+        n = self.vision.num_hidden_layers + 1
+        if not -n <= self.vision_feature_layer < n:
+            raise ValueError(f"vision_feature_layer {self.vision_feature_layer} is out of range for {n - 1} layers")
+        return self.vision_feature_layer % n
+
+    def __post_init__(self) -> None:
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
+        if self.projector_hidden_act not in PROJECTOR_ACTS:
+            raise ValueError(f"projector_hidden_act {self.projector_hidden_act!r} is not supported")
+        _ = self.vision_layers_used  # range check
+
+    @classmethod
+    def from_hf_config(cls, d: dict[str, Any]) -> PixtralModelConfig:
+        """Parse config.json (either HF layout) or the loader's wrapper of params.json."""
+        if "mistral_params" in d:
+            from server.models.pixtral.mistral_format import config_from_params
+
+            return config_from_params(d["mistral_params"])
+        vision = d.get("vision_config") or {}
+        if vision.get("model_type") != "pixtral":
+            raise ValueError(
+                f"config.json vision_config.model_type is {vision.get('model_type')!r}; the Pixtral family serves "
+                "Llava checkpoints with a Pixtral vision tower only"
+            )
+        if d.get("vision_feature_select_strategy", "default") != "full":
+            raise ValueError(
+                "config.json must set vision_feature_select_strategy 'full' (Pixtral has no CLS token to drop)"
+            )
+        layer = d.get("vision_feature_layer", -2)
+        if not isinstance(layer, int):
+            raise ValueError(f"vision_feature_layer must be one layer index for Pixtral, got {layer!r}")
+        text = d.get("text_config") or {}
+        t = {**_TEXT_DEFAULTS, **{k: text[k] for k in _TEXT_DEFAULTS if text.get(k) is not None}}
+        rope = text.get("rope_parameters") or {}
+        if (rope.get("rope_type") or "default") != "default":
+            raise ValueError(f"text rope type {rope.get('rope_type')!r} is not supported (Pixtral uses plain RoPE)")
+        if text.get("sliding_window") is not None:
+            raise ValueError("text_config.sliding_window is set: sliding-window attention is not supported")
+        heads = int(t["num_attention_heads"])
+        tie = bool(d.get("tie_word_embeddings", False) or text.get("tie_word_embeddings", False))
+        dtype = d.get("torch_dtype", d.get("dtype")) or text.get("torch_dtype", text.get("dtype"))
+        eos = text.get("eos_token_id", d.get("eos_token_id", 2))
+        return cls(
+            vocab_size=int(t["vocab_size"]),
+            hidden_size=int(t["hidden_size"]),
+            intermediate_size=int(t["intermediate_size"]),
+            num_hidden_layers=int(t["num_hidden_layers"]),
+            num_attention_heads=heads,
+            num_key_value_heads=int(t["num_key_value_heads"] or heads),
+            head_dim=int(text.get("head_dim") or int(t["hidden_size"]) // heads),
+            rms_norm_eps=float(t["rms_norm_eps"]),
+            rope_theta=float(rope.get("rope_theta", t["rope_theta"])),
+            max_position_embeddings=int(t["max_position_embeddings"]),
+            tie_word_embeddings=tie,
+            vision=PixtralVisionModelConfig.from_hf_config(vision),
+            projector_hidden_act=str(d.get("projector_hidden_act", "gelu")),
+            projector_bias=bool(d.get("multimodal_projector_bias", True)),
+            vision_feature_layer=int(layer),
+            image_token_id=int(d.get("image_token_index", d.get("image_token_id", IMAGE_TOKEN_ID))),
+            checkpoint_dtype=str(dtype) if dtype is not None else None,
+            bos_token_id=text.get("bos_token_id", d.get("bos_token_id", 1)),
+            eos_token_ids=tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),)),
+        )
+
+
+def _side(value: Any) -> int:
+    """An int, or a square [h, w] pair (transformers allows both)."""
+    if isinstance(value, (list, tuple)):
+        if len(set(value)) != 1:
+            raise ValueError(f"non-square sizes are not supported for Pixtral, got {value}")
+        value = value[0]
+    return int(value)
+

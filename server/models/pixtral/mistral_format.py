@@ -1,0 +1,230 @@
+"""The Mistral on-disk format of Pixtral (`mistralai/Pixtral-12B-2409`): `params.json`,
+`consolidated.safetensors`, `tekken.json`.
+
+- Config: `params.json` has the decoder's sizes under Mistral names (`dim`, `n_layers`,
+  `head_dim`, `hidden_dim`, `n_heads`, `n_kv_heads`, `rope_theta`, `norm_eps`, `vocab_size`)
+  and a `vision_encoder` section (`hidden_size`, `intermediate_size`, `num_hidden_layers`,
+  `num_attention_heads`, `num_channels`, `image_size`, `patch_size`, `rope_theta`,
+  `image_token_id`, `image_break_token_id`, `image_end_token_id`, `adapter_bias`). The vision
+  MLP is SiLU-gated and the features come from the last vision layer.
+- Weights: `tok_embeddings`, `layers.{i}.attention.w{q,k,v,o}`, `layers.{i}.feed_forward.w{1,2,3}`
+  (gate, down, up), `layers.{i}.attention_norm` / `ffn_norm`, `norm`, `output`;
+  `vision_encoder.{patch_conv, ln_pre, transformer.layers.{i}.*}` with the same inner names;
+  `vision_language_adapter.w_in` / `w_out` (the projector). Mistral's RoPE rotates
+  interleaved pairs (2i, 2i+1) of each head (complex form), ours rotate-half pairs (i, i + D/2):
+  the rows of every wq / wk are permuted per head (what transformers' converter does), which
+  turns both the 1-D text RoPE and the 2-D vision RoPE into the rotate-half form.
+- Tokenizer and chat: `tekken.json` through mistral-common. The prompt is mistral-common's
+  own `encode_chat_completion`, with its image encoder replaced by ours (`_ImageEncoder`) so
+  pixels come from `PixtralImageProcessor(mode="mistral")` (no OpenCV at run time).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from server.models.pixtral.image_processor import PixtralImageProcessor
+
+if TYPE_CHECKING:
+    from server.models.pixtral.config import PixtralModelConfig
+
+TOKENIZER_FILE = "tekken.json"
+_MISTRAL_PREFIXES = ("tok_embeddings.", "layers.", "norm.", "output.", "vision_encoder.", "vision_language_adapter.")
+_DEFAULT_MAX_POSITIONS = 131072  # Pixtral-12B's 128k context; params.json does not state it
+
+
+def config_from_params(params: dict[str, Any]) -> PixtralModelConfig:
+    from server.models.pixtral.config import PixtralModelConfig, PixtralVisionModelConfig
+
+    v = params.get("vision_encoder")
+    if not v:
+        raise ValueError("params.json has no vision_encoder section: only Mistral-format Pixtral is supported")
+    for key in ("dim", "n_layers", "hidden_dim", "n_heads", "vocab_size"):
+        if key not in params:
+            raise ValueError(f"params.json is missing {key!r}")
+    if v.get("spatial_merge_size", 1) != 1 or v.get("add_pre_mm_projector_layer_norm"):
+        raise ValueError("params.json describes a patch-merging vision encoder (Mistral Small 3.1); not supported")
+    heads = int(params["n_heads"])
+    return PixtralModelConfig(
+        vocab_size=int(params["vocab_size"]),
+        hidden_size=int(params["dim"]),
+        intermediate_size=int(params["hidden_dim"]),
+        num_hidden_layers=int(params["n_layers"]),
+        num_attention_heads=heads,
+        num_key_value_heads=int(params.get("n_kv_heads") or heads),
+        head_dim=int(params.get("head_dim") or int(params["dim"]) // heads),
+        rms_norm_eps=float(params.get("norm_eps", 1e-5)),
+        rope_theta=float(params.get("rope_theta") or 10000.0),
+        max_position_embeddings=int(params.get("max_position_embeddings") or _DEFAULT_MAX_POSITIONS),
+        tie_word_embeddings=bool(params.get("tied_embeddings", False)),
+        vision=PixtralVisionModelConfig(
+            hidden_size=int(v["hidden_size"]),
+            intermediate_size=int(v["intermediate_size"]),
+            num_hidden_layers=int(v["num_hidden_layers"]),
+            num_attention_heads=int(v["num_attention_heads"]),
+            num_channels=int(v.get("num_channels", 3)),
+            image_size=int(v.get("max_image_size") or v["image_size"]),
+            patch_size=int(v["patch_size"]),
+            hidden_act="silu",
+            rope_theta=float(v.get("rope_theta", 10000.0)),
+        ),
+        projector_bias=bool(v.get("adapter_bias", True)),
+        vision_feature_layer=-1,
+        image_token_id=int(v.get("image_token_id", 10)),
+        image_break_token_id=int(v.get("image_break_token_id", 12)),
+        image_end_token_id=int(v.get("image_end_token_id", 13)),
+        checkpoint_dtype=None,  # params.json names none; the loader then picks bfloat16 off the CPU
+        weight_format="mistral",
+        bos_token_id=1,
+        eos_token_ids=(2,),
+    )
+
+
+# --- weights ------------------------------------------------------------------------------
+
+_RENAMES = (
+    (re.compile(r"^tok_embeddings\."), "language_model.model.embed_tokens."),
+    (re.compile(r"^norm\."), "language_model.model.norm."),
+    (re.compile(r"^output\."), "language_model.lm_head."),
+    (re.compile(r"^layers\.(\d+)\.attention\.w([qkvo])\."), r"language_model.model.layers.\1.self_attn.\2_proj."),
+    (re.compile(r"^layers\.(\d+)\.attention_norm\."), r"language_model.model.layers.\1.input_layernorm."),
+    (re.compile(r"^layers\.(\d+)\.ffn_norm\."), r"language_model.model.layers.\1.post_attention_layernorm."),
+    (re.compile(r"^layers\.(\d+)\.feed_forward\.w1\."), r"language_model.model.layers.\1.mlp.gate_proj."),
+    (re.compile(r"^layers\.(\d+)\.feed_forward\.w2\."), r"language_model.model.layers.\1.mlp.down_proj."),
+    (re.compile(r"^layers\.(\d+)\.feed_forward\.w3\."), r"language_model.model.layers.\1.mlp.up_proj."),
+    (re.compile(r"^vision_encoder\.(.*)\.attention\.w([qkvo])\."), r"vision_tower.\1.attention.\2_proj."),
+    (re.compile(r"^vision_encoder\.(.*)\.feed_forward\.w1\."), r"vision_tower.\1.feed_forward.gate_proj."),
+    (re.compile(r"^vision_encoder\.(.*)\.feed_forward\.w2\."), r"vision_tower.\1.feed_forward.down_proj."),
+    (re.compile(r"^vision_encoder\.(.*)\.feed_forward\.w3\."), r"vision_tower.\1.feed_forward.up_proj."),
+    (re.compile(r"^vision_encoder\."), "vision_tower."),
+    (re.compile(r"^vision_language_adapter\.w_in\."), "multi_modal_projector.linear_1."),
+    (re.compile(r"^vision_language_adapter\.w_out\."), "multi_modal_projector.linear_2."),
+)
+
+
+def is_mistral_weight_name(name: str) -> bool:
+    return name.startswith(_MISTRAL_PREFIXES)
+
+
+def interleaved_to_rotate_half(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Rows of a q/k projection [H * D, in]: per head, output (2i, 2i+1) → (i, i + D/2)."""
+    rows, cols = weight.shape
+    return weight.view(num_heads, rows // num_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def hf_to_interleaved(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """The inverse of `interleaved_to_rotate_half` (used to write Mistral-format checkpoints)."""
+    rows, cols = weight.shape
+    return weight.view(num_heads, 2, rows // num_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def mistral_to_hf_weight(name: str, tensor: torch.Tensor, cfg: PixtralModelConfig) -> tuple[str, torch.Tensor]:
+    """A consolidated.safetensors tensor → (its published HF name, the tensor in HF layout)."""
+    for pattern, repl in _RENAMES:
+        if pattern.match(name):
+            hf_name = pattern.sub(repl, name, count=1)
+            break
+    else:
+        return name, tensor  # reported as unexpected by the loader
+    if hf_name.endswith(("q_proj.weight", "k_proj.weight")):
+        if hf_name.startswith("vision_tower."):
+            heads = cfg.vision.num_attention_heads
+        else:
+            heads = cfg.num_attention_heads if ".q_proj." in hf_name else cfg.num_key_value_heads
+        tensor = interleaved_to_rotate_half(tensor, heads)
+    return hf_name, tensor
+
+
+# --- tokenizer and chat -------------------------------------------------------------------
+
+
+def load_mistral_tokenizer(model_dir: str | Path) -> Any:
+    """transformers' `MistralCommonBackend` over `tekken.json`: an HF-style tokenizer (decode,
+    convert_ids_to_tokens) whose `.tokenizer` is mistral-common's `MistralTokenizer`."""
+    from transformers.tokenization_mistral_common import MistralCommonBackend
+
+    path = Path(model_dir) / TOKENIZER_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{model_dir} has params.json but no {TOKENIZER_FILE}; the Mistral format needs both")
+    return MistralCommonBackend(tokenizer_path=str(path))
+
+
+class _ImageEncoder:
+    """Stands in for mistral-common's `ImageEncoder` (same call, same token layout), with our
+    preprocessing: the image it returns is our float32 [3, rows * P, cols * P] array."""
+
+    def __init__(self, processor: PixtralImageProcessor, img: int, img_break: int, img_end: int) -> None:
+        self.processor = processor
+        self.img, self.img_break, self.img_end = img, img_break, img_end
+
+    def __call__(self, chunk: Any) -> Any:
+        from mistral_common.tokens.tokenizers.image import ImageEncoding, image_from_chunk
+
+        pixel_values, (rows, cols) = self.processor.preprocess(image_from_chunk(chunk))
+        tokens = ([self.img] * cols + [self.img_break]) * rows
+        tokens[-1] = self.img_end
+        return ImageEncoding(tokens=tokens, image=pixel_values.numpy())
+
+
+def install_image_encoder(
+    mistral_tokenizer: Any, processor: PixtralImageProcessor, special_ids: tuple[int, int, int]
+) -> None:
+    """Replace the tokenizer's image encoder by ours, once, before any request (so no
+    OpenCV at run time and one preprocessing path)."""
+    if mistral_tokenizer.instruct_tokenizer.image_encoder is None:
+        raise ValueError(f"{TOKENIZER_FILE} has no image section: it is not a Pixtral tokenizer")
+    mistral_tokenizer.instruct_tokenizer.image_encoder = _ImageEncoder(processor, *special_ids)
+
+
+def encode_chat(
+    mistral_tokenizer: Any,
+    conversation: list[dict[str, Any]],
+    images: list[Image.Image],
+    add_generation_prompt: bool,
+) -> tuple[list[int], list[np.ndarray]]:
+    """Prompt ids of an HF-style conversation by mistral-common's `encode_chat_completion` (with
+    `install_image_encoder` done), and the images' pixel arrays in prompt order (mistral-common may move an image before the text of
+    its message). A final assistant message is continued (`prefix=True`)."""
+    from mistral_common.protocol.instruct.chunk import ImageChunk, TextChunk
+    from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+
+    remaining = list(images)
+    messages: list[Any] = []
+    for i, msg in enumerate(conversation):
+        role, content = msg.get("role"), msg.get("content")
+        if isinstance(content, list):
+            chunks: list[Any] = []
+            for part in content:
+                if part.get("type") == "image":
+                    if not remaining:
+                        raise ValueError("the conversation has more image parts than images were given")
+                    chunks.append(ImageChunk(image=remaining.pop(0)))
+                elif part.get("type") == "text":
+                    chunks.append(TextChunk(text=part.get("text", part.get("content", ""))))
+                else:
+                    raise ValueError(f"messages[{i}]: content part type {part.get('type')!r} is not supported")
+            content = chunks
+        if role == "user":
+            messages.append(UserMessage(content=content))
+        elif role == "system":
+            messages.append(SystemMessage(content=content))
+        elif role == "assistant":
+            last = i == len(conversation) - 1
+            text = content if isinstance(content, str) else "".join(c.text for c in content)
+            messages.append(AssistantMessage(content=text, prefix=last and not add_generation_prompt))
+        else:
+            raise ValueError(f"messages[{i}]: role {role!r} is not supported; use system, user or assistant")
+    if remaining:
+        raise ValueError(f"{len(images)} image(s) were given but the conversation has {len(images) - len(remaining)}")
+
+    if not isinstance(mistral_tokenizer.instruct_tokenizer.image_encoder, _ImageEncoder):
+        raise RuntimeError("call install_image_encoder before encode_chat")
+    tokenized = mistral_tokenizer.encode_chat_completion(ChatCompletionRequest(messages=messages))
+    return list(tokenized.tokens), list(tokenized.images)

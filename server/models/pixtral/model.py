@@ -1,0 +1,264 @@
+"""Pixtral: the Pixtral vision tower and Llava projector (`vision.py`) plus a Mistral decoder
+over the paged KV cache, implementing `server/models/interfaces.py::VLModel`.
+
+Decoder layer: RMSNorm → attention (q/k/v in one matmul, no bias, 1-D RoPE, GQA, explicit
+head_dim, paged cache) → RMSNorm (residual add fused) → SwiGLU MLP (gate/up in one matmul).
+
+Weights load from three layouts (see `load_weights`): the published HF one, the
+transformers-5 one, and the Mistral one (`consolidated.safetensors`, renamed and q/k
+permuted by `mistral_format.py`).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kernels
+from server.models.interfaces import KVCacheSpec
+from server.models.layers.attention import PagedAttention
+from server.models.layers.norm import RMSNorm
+from server.models.layers.rotary import rope_cos_sin, rope_inv_freq
+from server.models.layers.weights import IGNORED_SUFFIXES, WeightLoadTracker
+from server.models.pixtral.config import PixtralModelConfig
+from server.models.pixtral.mistral_format import is_mistral_weight_name, mistral_to_hf_weight
+from server.models.pixtral.vision import LlavaMultiModalProjector, PixtralVisionModel
+from server.multimodal.inputs import MultiModalItem
+from server.runner.forward_batch import ForwardBatch
+
+logger = logging.getLogger(__name__)
+
+Device = torch.device | str
+
+
+class MistralAttention(nn.Module):
+    def __init__(self, cfg: PixtralModelConfig, layer_idx: int, dtype: torch.dtype, device: Device) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        # Rows: q (Hq * D), then k (Hkv * D), then v (Hkv * D).
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=False, dtype=dtype, device=device)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False, dtype=dtype, device=device)
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, layer_idx, self.head_dim**-0.5)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        n = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(n, self.num_heads, self.head_dim)
+        k = k.view(n, self.num_kv_heads, self.head_dim)
+        v = v.view(n, self.num_kv_heads, self.head_dim)
+        kernels.rotary(q, k, cos, sin)
+        out = self.attn(q, k, v, batch)  # [T, Hq, D]
+        return self.o_proj(out.reshape(n, self.q_size))
+
+
+class MistralMLP(nn.Module):
+    def __init__(self, cfg: PixtralModelConfig, dtype: torch.dtype, device: Device) -> None:
+        super().__init__()
+        # Rows: gate (I), then up (I) — the order kernels.silu_and_mul expects.
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False, dtype=dtype, device=device)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x)))
+
+
+class MistralDecoderLayer(nn.Module):
+    def __init__(self, cfg: PixtralModelConfig, layer_idx: int, dtype: torch.dtype, device: Device) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.self_attn = MistralAttention(cfg, layer_idx, dtype, device)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.mlp = MistralMLP(cfg, dtype, device)
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the previous layer's output before its residual add; residual: the running sum
+        (None at the first layer, where x is the embeddings). Returns the same pair."""
+        if residual is None:
+            residual = x
+            x = self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, cos, sin, batch)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class MistralTextModel(nn.Module):
+    def __init__(self, cfg: PixtralModelConfig, dtype: torch.dtype, device: Device) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
+        self.layers = nn.ModuleList(MistralDecoderLayer(cfg, i, dtype, device) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        residual = None
+        for layer in self.layers:
+            x, residual = layer(x, residual, cos, sin, batch)
+        if residual is None:  # no layers
+            return self.norm(x)
+        x, _ = self.norm(x, residual)
+        return x
+
+
+class PixtralForConditionalGeneration(nn.Module):
+    """Parameters are allocated uninitialised: `load_weights` must run before use."""
+
+    uses_mrope = False
+    cross_kv_cache_spec = None  # inline embeddings: no cross-attention K/V
+
+    def __init__(self, config: PixtralModelConfig, dtype: torch.dtype, device: Device) -> None:
+        super().__init__()
+        self.config = config
+        self.kv_cache_spec = KVCacheSpec(config.num_hidden_layers, config.num_key_value_heads, config.head_dim)
+        # Built on the meta device, then given real (uninitialised) storage: no time spent on
+        # random init of weights the checkpoint overwrites.
+        meta = torch.device("meta")
+        self.vision_tower = PixtralVisionModel(config.vision, config.vision_layers_used, dtype, meta)
+        self.multi_modal_projector = LlavaMultiModalProjector(config, dtype, meta)
+        self.language_model = MistralTextModel(config, dtype, meta)
+        self.lm_head: nn.Linear | None = None
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype, device=meta)
+        self.to_empty(device=device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.language_model.embed_tokens.weight.device
+
+    # --- VLModel -------------------------------------------------------------------------
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.language_model.embed_tokens(input_ids)
+
+    def embed_multimodal(self, items: list[MultiModalItem]) -> list[torch.Tensor]:
+        """All images in one vision batch; item i gets rows * cols rows [n_i, hidden], one per
+        `[IMG]` position of its range (row-major over its patch grid)."""
+        if not items:
+            return []
+        p = self.config.vision.patch_size
+        pixels, grids = [], []
+        for item in items:
+            if "pixel_values" not in item.data or "patch_grid" not in item.data:
+                raise ValueError(
+                    f"image item {item.content_hash[:16]}: data must hold 'pixel_values' and 'patch_grid' "
+                    f"(the Pixtral processor's output), got keys {sorted(item.data)}"
+                )
+            rows, cols = (int(g) for g in item.data["patch_grid"])
+            pv = torch.as_tensor(item.data["pixel_values"])
+            if pv.shape != (self.config.vision.num_channels, rows * p, cols * p):
+                raise ValueError(
+                    f"image item {item.content_hash[:16]}: pixel_values must be "
+                    f"[{self.config.vision.num_channels}, {rows * p}, {cols * p}] for patch grid {(rows, cols)}, "
+                    f"got {tuple(pv.shape)}"
+                )
+            if item.num_embeds != rows * cols:
+                raise ValueError(
+                    f"image item {item.content_hash[:16]} marks {item.num_embeds} [IMG] positions but its patch grid "
+                    f"{rows}x{cols} gives {rows * cols} rows"
+                )
+            pixels.append(pv)
+            grids.append((rows, cols))
+        features = self.multi_modal_projector(self.vision_tower(pixels, grids))
+        return list(features.split([r * c for r, c in grids]))
+
+    def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """inputs_embeds [T, hidden]; positions int64 [T] → final-normed hidden [T, hidden]."""
+        if positions.dim() != 1:
+            raise ValueError(f"Pixtral takes 1-D positions [T], got shape {tuple(positions.shape)}")
+        inv_freq = rope_inv_freq(self.config.head_dim, self.config.rope_theta, device=inputs_embeds.device)
+        cos, sin = rope_cos_sin(positions, inv_freq)  # [T, D/2] float32
+        return self.language_model(inputs_embeds, cos, sin, batch)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.lm_head.weight if self.lm_head is not None else self.language_model.embed_tokens.weight
+        return F.linear(hidden, weight).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Accepts the published HF layout (`vision_tower.*`, `language_model.model.*`,
+        `language_model.lm_head.weight`), the transformers-5 one (`model.vision_tower.*`,
+        `model.language_model.*`, `lm_head.weight`) and the Mistral one (`tok_embeddings.weight`,
+        `layers.*`, `vision_encoder.*`, ...). Raises naming every missing or unexpected tensor."""
+        cfg = self.config
+        tracker = WeightLoadTracker(self)
+        kv_rows = cfg.num_key_value_heads * cfg.head_dim
+        for i in range(cfg.num_hidden_layers):
+            prefix = f"language_model.layers.{i}"
+            qkv = [("q_proj", cfg.num_attention_heads * cfg.head_dim), ("k_proj", kv_rows), ("v_proj", kv_rows)]
+            tracker.declare_fused(f"{prefix}.self_attn.qkv_proj.weight", qkv)
+            gate_up = [("gate_proj", cfg.intermediate_size), ("up_proj", cfg.intermediate_size)]
+            tracker.declare_fused(f"{prefix}.mlp.gate_up_proj.weight", gate_up)
+        e, vi = cfg.vision.hidden_size, cfg.vision.intermediate_size
+        for i in range(cfg.vision.num_hidden_layers):
+            prefix = f"vision_tower.layers.{i}"
+            tracker.declare_fused(f"{prefix}.attention.qkv_proj.weight", [("q_proj", e), ("k_proj", e), ("v_proj", e)])
+            tracker.declare_fused(f"{prefix}.feed_forward.gate_up_proj.weight", [("gate_proj", vi), ("up_proj", vi)])
+
+        saw_lm_head = False
+        for name, tensor in weights:
+            if name.endswith(IGNORED_SUFFIXES):
+                continue
+            if is_mistral_weight_name(name):
+                name, tensor = mistral_to_hf_weight(name, tensor, cfg)
+            param_name, shard = _param_for(name)
+            if param_name == "lm_head.weight":
+                saw_lm_head = True
+                if self.lm_head is None:
+                    continue  # tied: some tied checkpoints still save a copy of the embeddings
+            if param_name == "vision_tower.patch_conv.weight" and tensor.dim() == 4:
+                tensor = tensor.flatten(1)  # Conv2d [E, C, P, P] → [E, C*P*P]
+            tracker.copy(param_name, tensor, name, shard)
+
+        if self.lm_head is not None and not saw_lm_head:
+            logger.warning(
+                "checkpoint has no lm_head weight although tie_word_embeddings is false: tying the output "
+                "projection to the input embeddings"
+            )
+            self.lm_head = None
+            tracker.drop("lm_head.weight")
+        tracker.check_complete()
+
+
+# Checkpoint name prefixes → module prefixes here; first match wins.
+_PREFIXES = (
+    ("model.vision_tower.transformer.", "vision_tower."),
+    ("model.vision_tower.", "vision_tower."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+    ("model.language_model.", "language_model."),
+    ("language_model.model.", "language_model."),
+    ("language_model.lm_head.", "lm_head."),
+    ("vision_tower.transformer.", "vision_tower."),
+    ("vision_tower.", "vision_tower."),
+    ("multi_modal_projector.", "multi_modal_projector."),
+    ("lm_head.", "lm_head."),
+)
+# Separate projections fused into one parameter; group 2 names the shard ("k" → "k_proj").
+_FUSED = (
+    (re.compile(r"^(.*\.(?:self_attn|attention)\.)(q|k|v)_proj\.weight$"), r"\1qkv_proj.weight"),
+    (re.compile(r"^(.*\.(?:mlp|feed_forward)\.)(gate|up)_proj\.weight$"), r"\1gate_up_proj.weight"),
+)
+
+
+def _param_for(hf_name: str) -> tuple[str, str]:
+    """Checkpoint tensor name → (parameter name here, shard label or ""). A name with no
+    known prefix comes back unchanged and is reported as unexpected by the tracker."""
+    name = hf_name
+    for old, new in _PREFIXES:
+        if name.startswith(old):
+            name = new + name[len(old) :]
+            break
+    for pattern, repl in _FUSED:
+        match = pattern.match(name)
+        if match:
+            return pattern.sub(repl, name), f"{match.group(2)}_proj"
+    return name, ""
