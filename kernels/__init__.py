@@ -83,6 +83,10 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc
     )
 
 
+def cross_attention(q, k_cache, v_cache, block_tables, seq_lens, ranges, query_start_loc, scale):
+    return _impl("cross_attention", q)(q, k_cache, v_cache, block_tables, seq_lens, ranges, query_start_loc, scale)
+
+
 def merge_embeddings(inputs_embeds, mm_embeds, positions):
     return _impl("merge_embeddings", inputs_embeds)(inputs_embeds, mm_embeds, positions)
 

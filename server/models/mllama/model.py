@@ -1,0 +1,355 @@
+"""Llama 3.2 Vision (Mllama): the vision tower (`vision.py`), a projector, and a Llama decoder
+whose layers at `cross_attention_layers` are gated cross-attention layers over the request's
+image rows. Implements `server/models/interfaces.py::VLModel`.
+
+Self-attention layer: RMSNorm → attention (fused q/k/v, llama3-scaled 1-D RoPE, paged cache)
+→ residual → RMSNorm → SwiGLU MLP → residual. Only these layers own a paged KV cache:
+`kv_cache_spec.num_layers` counts them, in layer order.
+
+Cross-attention layer (transformers' `MllamaCrossAttentionDecoderLayer`):
+    h = h + tanh(attn_gate) * o_proj(attend(q_norm(q_proj(norm(h))), cross K/V))
+    h = h + tanh(mlp_gate) * row_mask * mlp(norm(h))
+K/V are k_norm(k_proj(rows)) and v_proj(rows) of the request's cross rows, written once by
+`write_cross_kv` (one cache pair per cross layer). Per token:
+- its request has no cross rows (text-only, or no `batch.cross`): the layer leaves it
+  unchanged, as transformers skips cross layers when there are no images;
+- its range is empty (the prompt before the first image): it attends to ALL the request's
+  rows and row_mask = 0 (transformers' `full_text_row_masked_out_mask`);
+- otherwise it attends to `cross.ranges[t]` and row_mask = 1.
+Row layout and ranges are the processor's (see `processor.py`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kernels
+from server.models.interfaces import KVCacheSpec
+from server.models.layers.attention import PagedAttention
+from server.models.layers.norm import RMSNorm
+from server.models.layers.rotary import rope_cos_sin, rope_inv_freq
+from server.models.layers.weights import IGNORED_SUFFIXES, WeightLoadTracker
+from server.models.mllama.config import Llama3RopeScaling, MllamaModelConfig
+from server.models.mllama.vision import MllamaVisionModel
+from server.multimodal.inputs import MultiModalItem
+from server.runner.forward_batch import CrossAttentionBatch, ForwardBatch
+
+
+Device = torch.device | str
+
+
+def llama3_inv_freq(head_dim: int, theta: float, scaling: Llama3RopeScaling | None, device: Device) -> torch.Tensor:
+    """[head_dim // 2] float32: RoPE inverse frequencies with Llama 3's long-context scaling
+    (low frequencies divided by `factor`, high ones kept, a smooth blend in between)."""
+    inv_freq = rope_inv_freq(head_dim, theta, device=device)
+    if scaling is None:
+        return inv_freq
+    low_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
+    high_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    blended = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, blended, scaled)
+
+
+class MllamaMLP(nn.Module):
+    def __init__(self, cfg: MllamaModelConfig, dtype: torch.dtype, device: Device) -> None:
+        super().__init__()
+        # Rows: gate (I), then up (I) — the order kernels.silu_and_mul expects.
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False, dtype=dtype, device=device)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x)))
+
+
+class MllamaSelfAttention(nn.Module):
+    def __init__(self, cfg: MllamaModelConfig, cache_idx: int, dtype: torch.dtype, device: Device) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=False, dtype=dtype, device=device)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False, dtype=dtype, device=device)
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, cache_idx, self.head_dim**-0.5)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        n = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(n, self.num_heads, self.head_dim)
+        k = k.view(n, self.num_kv_heads, self.head_dim)
+        v = v.view(n, self.num_kv_heads, self.head_dim)
+        kernels.rotary(q, k, cos, sin)
+        return self.o_proj(self.attn(q, k, v, batch).reshape(n, self.q_size))
+
+
+class MllamaSelfAttentionLayer(nn.Module):
+    def __init__(self, cfg: MllamaModelConfig, cache_idx: int, dtype: torch.dtype, device: Device) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.self_attn = MllamaSelfAttention(cfg, cache_idx, dtype, device)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.mlp = MllamaMLP(cfg, dtype, device)
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, batch)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class MllamaCrossAttention(nn.Module):
+    def __init__(self, cfg: MllamaModelConfig, cross_idx: int, dtype: torch.dtype, device: Device) -> None:
+        super().__init__()
+        self.cross_idx = cross_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        h = cfg.hidden_size
+        self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=False, dtype=dtype, device=device)
+        # Rows: k (Hkv * D), then v (Hkv * D); applied to image rows only, in write_kv.
+        self.kv_proj = nn.Linear(h, 2 * self.kv_size, bias=False, dtype=dtype, device=device)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=False, dtype=dtype, device=device)
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, dtype, device)
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, dtype, device)
+
+    def write_kv(self, rows: torch.Tensor, slot_mapping: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """rows [n, hidden] → k_norm(k), v [n, Hkv, D] written at slot_mapping [n]."""
+        n = rows.shape[0]
+        k, v = self.kv_proj(rows).split([self.kv_size, self.kv_size], dim=-1)
+        k = self.k_norm(k.reshape(n * self.num_kv_heads, self.head_dim)).view(n, self.num_kv_heads, self.head_dim)
+        kernels.write_kv(k, v.reshape(n, self.num_kv_heads, self.head_dim), cache[0], cache[1], slot_mapping)
+
+    def forward(self, x: torch.Tensor, cross: CrossAttentionBatch, query_start_loc: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        q = self.q_norm(self.q_proj(x).view(n * self.num_heads, self.head_dim)).view(n, self.num_heads, self.head_dim)
+        k_cache, v_cache = cross.kv_caches[self.cross_idx]
+        out = kernels.cross_attention(
+            q, k_cache, v_cache, cross.block_tables, cross.seq_lens, cross.ranges, query_start_loc, self.head_dim**-0.5
+        )
+        return self.o_proj(out.reshape(n, -1))
+
+
+class MllamaCrossAttentionLayer(nn.Module):
+    def __init__(self, cfg: MllamaModelConfig, cross_idx: int, dtype: torch.dtype, device: Device) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.cross_attn = MllamaCrossAttention(cfg, cross_idx, dtype, device)
+        self.cross_attn_attn_gate = nn.Parameter(torch.empty(1, dtype=dtype, device=device))
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.mlp = MllamaMLP(cfg, dtype, device)
+        self.cross_attn_mlp_gate = nn.Parameter(torch.empty(1, dtype=dtype, device=device))
+
+    def forward(
+        self, h: torch.Tensor, cross: CrossAttentionBatch, query_start_loc: torch.Tensor,
+        attn_mask: torch.Tensor, mlp_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """attn_mask, mlp_mask [T, 1] of 0/1 in h's dtype (see the module docstring)."""
+        out = self.cross_attn(self.input_layernorm(h), cross, query_start_loc)
+        h = h + attn_mask * (self.cross_attn_attn_gate.tanh() * out)
+        out = mlp_mask * self.mlp(self.post_attention_layernorm(h))
+        return h + self.cross_attn_mlp_gate.tanh() * out
+
+
+class MllamaTextModel(nn.Module):
+    def __init__(self, cfg: MllamaModelConfig, dtype: torch.dtype, device: Device) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.num_embeddings, cfg.hidden_size, dtype=dtype, device=device)
+        layers: list[nn.Module] = []
+        for i in range(cfg.num_hidden_layers):
+            if i in cfg.cross_attention_layers:
+                layers.append(MllamaCrossAttentionLayer(cfg, cfg.cross_attention_layers.index(i), dtype, device))
+            else:
+                layers.append(MllamaSelfAttentionLayer(cfg, cfg.self_attention_layers.index(i), dtype, device))
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+
+
+class MllamaForConditionalGeneration(nn.Module):
+    """Parameters are allocated uninitialised: `load_weights` must run before use."""
+
+    uses_mrope = False
+
+    def __init__(self, config: MllamaModelConfig, dtype: torch.dtype, device: Device) -> None:
+        super().__init__()
+        self.config = config
+        self.kv_cache_spec = KVCacheSpec(len(config.self_attention_layers), config.num_key_value_heads, config.head_dim)
+        self.cross_kv_cache_spec = KVCacheSpec(
+            len(config.cross_attention_layers), config.num_key_value_heads, config.head_dim
+        )
+        meta = torch.device("meta")
+        self.vision_model = MllamaVisionModel(config.vision, dtype, meta)
+        self.multi_modal_projector = nn.Linear(
+            config.vision.vision_output_dim, config.hidden_size, dtype=dtype, device=meta
+        )
+        self.language_model = MllamaTextModel(config, dtype, meta)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype, device=meta)
+        self.to_empty(device=device)
+        inv_freq = llama3_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling, device)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    # --- VLModel -------------------------------------------------------------------------
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.language_model.embed_tokens(input_ids)
+
+    def embed_multimodal(self, items: list[MultiModalItem]) -> list[torch.Tensor]:
+        """All images in one vision batch. Each item gets `rows_per_image` = max_num_tiles *
+        num_patches rows [rows, hidden]: its tiles in order (real tiles first, then the
+        padded ones), num_patches rows per tile, class token first."""
+        if not items:
+            return []
+        vcfg = self.config.vision
+        pixels, ratio_ids, num_tiles = [], [], []
+        for item in items:
+            data = item.data
+            if not {"pixel_values", "aspect_ratio_id", "num_tiles"} <= set(data):
+                raise ValueError(
+                    f"image item {item.content_hash[:16]}: data must hold pixel_values, aspect_ratio_id and num_tiles "
+                    f"(the Mllama processor's output), got keys {sorted(data)}"
+                )
+            pv = torch.as_tensor(data["pixel_values"])
+            n = int(data["num_tiles"])
+            if pv.shape != (n, vcfg.num_channels, vcfg.image_size, vcfg.image_size) or not 1 <= n <= vcfg.max_num_tiles:
+                raise ValueError(f"image item {item.content_hash[:16]}: pixel_values {tuple(pv.shape)} for {n} tiles")
+            if item.cross_attn_tokens != vcfg.rows_per_image:
+                raise ValueError(
+                    f"image item {item.content_hash[:16]} declares {item.cross_attn_tokens} cross rows, "
+                    f"this model gives {vcfg.rows_per_image} per image"
+                )
+            pixels.append(F.pad(pv, (0, 0, 0, 0, 0, 0, 0, vcfg.max_num_tiles - n)))  # zero tiles, as transformers
+            ratio_ids.append(int(data["aspect_ratio_id"]))
+            num_tiles.append(n)
+        features = self.vision_model(
+            torch.stack(pixels).to(self.device), torch.tensor(ratio_ids, device=self.device), num_tiles
+        )  # [B, T, P, vision_output_dim]
+        rows = self.multi_modal_projector(features.to(self.multi_modal_projector.weight.dtype))
+        return list(rows.flatten(1, 2).unbind(0))
+
+    def write_cross_kv(
+        self,
+        encoder_rows: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        cross_kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+    ) -> None:
+        """encoder_rows [n, hidden]: row r is written, projected for every cross layer, at
+        slot_mapping[r] (int64 [n]). The slots decide the cross-sequence position of each row
+        (see `processor.cross_row_positions` for the layout the ranges assume)."""
+        if len(cross_kv_caches) != self.cross_kv_cache_spec.num_layers:
+            raise ValueError(
+                f"{len(cross_kv_caches)} cross K/V caches given, the model has "
+                f"{self.cross_kv_cache_spec.num_layers} cross-attention layers"
+            )
+        rows = encoder_rows.to(device=self.device, dtype=self.lm_head.weight.dtype)
+        for layer in self.language_model.layers:
+            if isinstance(layer, MllamaCrossAttentionLayer):
+                layer.cross_attn.write_kv(rows, slot_mapping, cross_kv_caches[layer.cross_attn.cross_idx])
+
+    def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """inputs_embeds [T, hidden]; positions int64 [T] → final-normed hidden [T, hidden]."""
+        cos, sin = rope_cos_sin(positions, self.inv_freq)  # [T, D/2] float32
+        cross, masks = batch.cross, None
+        if cross is not None and any(n > 0 for n in (cross.seq_lens_cpu or cross.seq_lens.tolist())):
+            counts = torch.diff(batch.query_start_loc.long())
+            has_rows = torch.repeat_interleave(cross.seq_lens > 0, counts)  # [T]
+            non_empty = cross.ranges[:, 1] > cross.ranges[:, 0]
+            masks = (has_rows.to(inputs_embeds.dtype)[:, None], (has_rows & non_empty).to(inputs_embeds.dtype)[:, None])
+        h = inputs_embeds
+        for layer in self.language_model.layers:
+            if isinstance(layer, MllamaCrossAttentionLayer):
+                if masks is not None:  # no request with images: transformers skips these layers
+                    h = layer(h, cross, batch.query_start_loc, *masks)
+            else:
+                h = layer(h, cos, sin, batch)
+        return self.language_model.norm(h)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.lm_head.weight).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Accepts the published names (`language_model.model.*`, `language_model.lm_head.*`,
+        `vision_model.*`, `multi_modal_projector.*`) and transformers-5's (`model.language_model.*`,
+        `model.vision_model.*`, `model.multi_modal_projector.*`, `lm_head.*`)."""
+        cfg = self.config
+        tracker = WeightLoadTracker(self)
+        kv = cfg.num_key_value_heads * cfg.head_dim
+        for i, layer in enumerate(self.language_model.layers):
+            p = f"language_model.layers.{i}"
+            inter = cfg.intermediate_size
+            tracker.declare_fused(f"{p}.mlp.gate_up_proj.weight", [("gate_proj", inter), ("up_proj", inter)])
+            if isinstance(layer, MllamaCrossAttentionLayer):
+                tracker.declare_fused(f"{p}.cross_attn.kv_proj.weight", [("k_proj", kv), ("v_proj", kv)])
+            else:
+                qkv = [("q_proj", cfg.hidden_size), ("k_proj", kv), ("v_proj", kv)]
+                tracker.declare_fused(f"{p}.self_attn.qkv_proj.weight", qkv)
+        vh = cfg.vision.hidden_size
+        for stack, n in (("layers", cfg.vision.num_hidden_layers), ("global_layers", cfg.vision.num_global_layers)):
+            for i in range(n):
+                qkv = [("q_proj", vh), ("k_proj", vh), ("v_proj", vh)]
+                tracker.declare_fused(f"vision_model.{stack}.{i}.qkv_proj.weight", qkv)
+        for hf_name, tensor in weights:
+            if hf_name.endswith(IGNORED_SUFFIXES):
+                continue
+            name, shard = _param_for(hf_name)
+            if name == "vision_model.patch_embedding.weight" and tensor.dim() == 4:
+                tensor = tensor.flatten(1)  # Conv2d [H, C, P, P] → [H, C*P*P]
+            tracker.copy(name, tensor, hf_name, shard)
+        tracker.check_complete()
+
+
+_PREFIXES = (
+    ("model.language_model.", "language_model."),
+    ("language_model.model.", "language_model."),
+    ("language_model.lm_head.", "lm_head."),
+    ("model.vision_model.", "vision_model."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+)
+# (pattern, replacement, group naming the shard or None), applied after the prefixes.
+_RENAMES = (
+    (re.compile(r"^(language_model\.layers\.\d+\.self_attn\.)(q|k|v)_proj\.weight$"), r"\1qkv_proj.weight", 2),
+    (re.compile(r"^(language_model\.layers\.\d+\.cross_attn\.)(k|v)_proj\.weight$"), r"\1kv_proj.weight", 2),
+    (re.compile(r"^(language_model\.layers\.\d+\.mlp\.)(gate|up)_proj\.weight$"), r"\1gate_up_proj.weight", 2),
+    # Vision layers: `transformer.layers` → `layers`, `global_transformer.layers` → `global_layers`.
+    (re.compile(r"^vision_model\.transformer\.layers\.(\d+)\.self_attn\.(q|k|v)_proj\."),
+     r"vision_model.layers.\1.qkv_proj.", 2),
+    (re.compile(r"^vision_model\.global_transformer\.layers\.(\d+)\.self_attn\.(q|k|v)_proj\."),
+     r"vision_model.global_layers.\1.qkv_proj.", 2),
+    (re.compile(r"^vision_model\.transformer\.layers\.(\d+)\.(?:self_attn|mlp)\."), r"vision_model.layers.\1.", None),
+    (re.compile(r"^vision_model\.global_transformer\.layers\.(\d+)\.(?:self_attn|mlp)\."),
+     r"vision_model.global_layers.\1.", None),
+    (re.compile(r"^vision_model\.transformer\.layers\."), "vision_model.layers.", None),
+    (re.compile(r"^vision_model\.global_transformer\.layers\."), "vision_model.global_layers.", None),
+    (re.compile(r"^vision_model\.gated_positional_embedding\.embedding$"), "vision_model.position_embedding", None),
+    (re.compile(r"^vision_model\.gated_positional_embedding\.gate$"), "vision_model.position_gate", None),
+    (re.compile(r"^vision_model\.gated_positional_embedding\.tile_embedding\."),
+     "vision_model.tile_position_embedding.", None),
+    (re.compile(r"^vision_model\.(pre|post)_tile_positional_embedding\.embedding\."),
+     r"vision_model.\1_tile_embedding.", None),
+    (re.compile(r"^vision_model\.(pre|post)_tile_positional_embedding\.gate$"), r"vision_model.\1_tile_gate", None),
+)
+
+
+def _param_for(hf_name: str) -> tuple[str, str]:
+    """Checkpoint tensor name → (parameter name here, shard label or ""). Unknown names come
+    back unchanged and are reported as unexpected by the tracker."""
+    name = hf_name
+    for old, new in _PREFIXES:
+        if name.startswith(old):
+            name = new + name[len(old):]
+            break
+    for pattern, repl, shard_group in _RENAMES:
+        match = pattern.match(name)
+        if match:
+            shard = f"{match.group(shard_group)}_proj" if shard_group else ""
+            return pattern.sub(repl, name, count=1), shard
+    return name, ""
