@@ -40,6 +40,7 @@ class NewRequestData:
     # token attended ranges (`ProcessedPrompt.cross_ranges`).
     cross_block_ids: list[int] = field(default_factory=list)
     cross_ranges: np.ndarray | None = None
+    cross_row_positions: np.ndarray | None = None
 
 
 @dataclass

@@ -394,4 +394,5 @@ class Scheduler:
             mrope_delta=request.prompt.mrope_delta,
             cross_block_ids=list(cross_block_ids),
             cross_ranges=request.prompt.cross_ranges,
+            cross_row_positions=request.prompt.cross_row_positions,
         )

@@ -70,3 +70,7 @@ class ProcessedPrompt:
     # to; start == end marks a token that attends to no image. Generated tokens use the
     # last prompt token's range. int32 [len(prompt_token_ids), 2].
     cross_ranges: np.ndarray | None = None
+    # Cross-attention families: where each row of the items' encoder outputs (concatenated in
+    # item order) goes in the request's cross K/V sequence; None: row r at position r.
+    # int64 [sum of cross_attn_tokens].
+    cross_row_positions: np.ndarray | None = None

@@ -29,6 +29,7 @@ class CachedRequestState:
     mrope_delta: int = 0
     cross_block_ids: list[int] = field(default_factory=list)
     cross_ranges: np.ndarray | None = None  # int32 [num_prompt_tokens, 2]
+    cross_row_positions: np.ndarray | None = None  # int64 [num_cross_rows]
     num_cross_rows: int = 0
 
     @property

@@ -85,6 +85,7 @@ class ModelRunner:
                 mrope_delta=new.mrope_delta,
                 cross_block_ids=list(new.cross_block_ids),
                 cross_ranges=new.cross_ranges,
+                cross_row_positions=new.cross_row_positions,
                 num_cross_rows=sum(item.cross_attn_tokens for item in new.mm_items) if new.cross_block_ids else 0,
             )
         cached = out.scheduled_cached_reqs
@@ -131,7 +132,7 @@ class ModelRunner:
         rows = torch.cat(
             [self.encoder.rows(it.content_hash, 0, it.cross_attn_tokens) for it in st.mm_items if it.cross_attn_tokens]
         )
-        pos = np.arange(rows.shape[0])
+        pos = st.cross_row_positions if st.cross_row_positions is not None else np.arange(rows.shape[0])
         blocks = np.asarray(st.cross_block_ids, dtype=np.int64)
         slots = blocks[pos // self.block_size] * self.block_size + pos % self.block_size
         slots = torch.from_numpy(slots).to(self.device)

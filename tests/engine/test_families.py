@@ -130,13 +130,15 @@ def _hf_reference(family_id: str, ckpt: Path):
 
         from tests.models.pixtral.test_model_parity import hf_inputs
 
-        return LlavaForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32).eval(), hf_inputs
+        model = LlavaForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32).eval()
+        return model, lambda llm, prompt: hf_inputs(prompt)
     if family_id == "mllama":
         from transformers import MllamaForConditionalGeneration
 
-        from tests.models.mllama.hf_inputs import hf_inputs
+        from tests.models.mllama.test_model_parity import hf_inputs
 
-        return MllamaForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32).eval(), hf_inputs
+        model = MllamaForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32).eval()
+        return model, lambda llm, prompt: hf_inputs(llm.processor, prompt)
     raise ValueError(family_id)
 
 
@@ -160,6 +162,6 @@ def test_engine_greedy_tokens_equal_transformers_generate(make_ckpt, family_id, 
     prompt = llm.render_chat(conv, imgs)
     ours = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))[0].token_ids
     with torch.inference_mode():
-        expected = hf.generate(**hf_inputs(prompt), max_new_tokens=8, do_sample=False, eos_token_id=None,
+        expected = hf.generate(**hf_inputs(llm, prompt), max_new_tokens=8, do_sample=False, eos_token_id=None,
                                pad_token_id=0, repetition_penalty=1.0, temperature=None, top_p=None, top_k=None)
     assert ours == expected[0, len(prompt.prompt_token_ids):].tolist()
