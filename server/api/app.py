@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from server.api.errors import install_exception_handlers
 from server.api.logprobs import TokenRenderer
 from server.api.middleware import ApiKeyMiddleware, BodySizeLimitMiddleware
-from server.api.routes import chat, completions, health, models
+from server.api.routes import chat, completions, health, models, ops
 from server.config import ServerConfig
 from server.engine.client import EngineClient
 from server.multimodal.media import MediaLoader
@@ -29,7 +29,7 @@ def create_app(engine: EngineClient, config: ServerConfig, media: MediaLoader | 
     app.state.token_renderer = TokenRenderer(getattr(engine, "tokenizer", None))
     app.state.started_at = int(time.time())
 
-    for module in (chat, completions, models, health):
+    for module in (chat, completions, models, health, ops):
         app.include_router(module.router)
     install_exception_handlers(app)
 

@@ -34,6 +34,10 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
     return None
 
 
+# Read by autoscalers (KEDA, HPA adapters), which carry no API key, like /health and /metrics.
+OPEN_PATHS = frozenset({"/v1/load"})
+
+
 class ApiKeyMiddleware:
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app = app
@@ -41,7 +45,7 @@ class ApiKeyMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "") if scope["type"] == "http" else ""
-        protected = path == PROTECTED_PREFIX or path.startswith(PROTECTED_PREFIX + "/")
+        protected = (path == PROTECTED_PREFIX or path.startswith(PROTECTED_PREFIX + "/")) and path not in OPEN_PATHS
         if not protected or scope["method"] == "OPTIONS":
             await self.app(scope, receive, send)
             return

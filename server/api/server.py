@@ -21,6 +21,7 @@ async def run_server(config: Config) -> None:
     engine = AsyncEngine(parts.core, parts.processor, model_name=name, max_model_len=parts.max_model_len)
     engine.start()
     media = MediaLoader(config.media)
+    engine.media_stats = media
     app = create_app(engine, config.server, media)
     server = uvicorn.Server(
         uvicorn.Config(app, host=config.server.host, port=config.server.port, log_level=config.server.log_level)

@@ -12,9 +12,11 @@ Cross-thread traffic: `_inputs` (event loop → core thread: add / abort) and
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import queue
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
@@ -23,6 +25,7 @@ from PIL import Image
 
 from server.engine.detokenizer import IncrementalDetokenizer, text_token_ids
 from server.engine.engine_core import EngineCore
+from server.engine.metrics import EngineMetrics
 from server.engine.outputs import EngineCoreOutput, RequestOutput
 from server.engine.request import Request
 from server.engine.sampling_params import SamplingParams
@@ -43,6 +46,8 @@ class _Stream:
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     num_output_tokens: int = 0
     finished: bool = False
+    arrival: float = field(default_factory=time.monotonic)
+    last_token_time: float | None = None
 
 
 class AsyncEngine:
@@ -68,7 +73,13 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._dead: BaseException | None = None
+        self._draining = False
         self.num_steps = 0
+        # The scheduler's state after the last step, published by the engine thread: readers
+        # (metrics, /v1/load) never touch the scheduler's live structures.
+        self.stats: dict[str, float] = dataclasses.asdict(core.scheduler.get_stats())
+        self.metrics = EngineMetrics(model_name, self.snapshot)
+        self.media_stats: Any = None  # an object with cache_hits / cache_misses (the MediaLoader)
 
     # ---- lifecycle -------------------------------------------------------------------
     def start(self) -> None:
@@ -85,6 +96,22 @@ class AsyncEngine:
 
     def is_healthy(self) -> bool:
         return self._dead is None and self._thread is not None and self._thread.is_alive()
+
+    def is_ready(self) -> bool:
+        """Serving and not draining: a load balancer may send traffic."""
+        return self.is_healthy() and not self._draining
+
+    def start_draining(self) -> None:
+        self._draining = True
+
+    def snapshot(self) -> dict[str, float]:
+        snap = dict(self.stats)
+        snap["steps"] = self.num_steps
+        snap["encoded_items"] = self.core.runner.encoder.num_encoded_items
+        if self.media_stats is not None:
+            snap["media_cache_hits"] = getattr(self.media_stats, "cache_hits", 0)
+            snap["media_cache_misses"] = getattr(self.media_stats, "cache_misses", 0)
+        return snap
 
     @property
     def num_unfinished(self) -> int:
@@ -188,6 +215,7 @@ class AsyncEngine:
                     continue
                 outputs = self.core.step()
                 self.num_steps += 1
+                self.stats = dataclasses.asdict(self.core.scheduler.get_stats())
             except Exception as e:  # an engine fault: fail every stream, report unhealthy
                 logger.exception("engine step failed")
                 self._dead = e
@@ -208,6 +236,20 @@ class AsyncEngine:
             stream.finished = True
             stream.queue.put_nowait(EngineDeadError(f"the engine stopped after an internal error: {error!r}"))
 
+    def _record(self, stream: _Stream, num_new: int, finish_reason: str | None) -> None:
+        now = time.monotonic()
+        m = self.metrics
+        if stream.last_token_time is None:
+            m.ttft.observe(now - stream.arrival)
+            m.prompt_tokens.inc(len(stream.prompt.prompt_token_ids))
+        elif num_new:
+            m.itl.observe((now - stream.last_token_time) / num_new)
+        stream.last_token_time = now
+        m.generation_tokens.inc(num_new)
+        if finish_reason is not None:
+            m.request_finished(finish_reason, len(stream.prompt.prompt_token_ids), stream.num_output_tokens,
+                               now - stream.arrival)
+
     def _dispatch(self, outputs: list[EngineCoreOutput]) -> None:
         for out in outputs:
             stream = self._streams.get(out.req_id)
@@ -224,6 +266,7 @@ class AsyncEngine:
                 text += stream.detok.flush()
             finished = finish_reason is not None
             stream.finished = finished
+            self._record(stream, len(out.new_token_ids), finish_reason)
             stream.queue.put_nowait(
                 RequestOutput(
                     request_id=out.req_id,

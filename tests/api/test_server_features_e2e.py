@@ -210,3 +210,25 @@ def test_health_stays_fast_while_16_large_images_decode(base):
     assert all(s in (200, 400) for s in statuses), statuses  # 400: too many tokens for the context
     assert len(latencies) >= 3
     assert sorted(latencies)[len(latencies) // 2] < 0.1, latencies
+
+
+def test_ops_endpoints_are_open_and_report_engine_state(base, client):
+    client.chat.completions.create(model="tiny", messages=chat("count me", image(64, 64, 31)), max_tokens=3,
+                                   temperature=0)
+    assert httpx.get(base + "/ready").json() == {"ready": True}
+    load = httpx.get(base + "/v1/load").json()
+    assert {"num_running", "num_waiting", "kv_cache_usage", "num_pending_prefill_tokens"} <= set(load)
+    text = httpx.get(base + "/metrics").text
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    key = lambda name: next(k for k in values if k.startswith(name + "{") or k == name)  # noqa: E731
+    assert values[key("vllm:generation_tokens_total")] >= 3
+    assert values[key("vllm:prompt_tokens_total")] > 0
+    assert values[key("vllm:time_to_first_token_seconds_count")] >= 1
+    assert values[key("vllm:e2e_request_latency_seconds_count")] >= 1
+    assert values[key("vllm:num_requests_running")] == 0
+    assert values[key("vlmserve:encoder_items_total")] >= 1
+    assert any(k.startswith('vllm:request_success_total{') and 'finished_reason="length"' in k for k in values)
