@@ -128,17 +128,17 @@ def _hf_reference(family_id: str, ckpt: Path):
     if family_id == "pixtral_hf":
         from transformers import LlavaForConditionalGeneration
 
-        from tests.models.pixtral.test_model_parity import hf_inputs
+        from tests.models.pixtral.test_model_parity import hf_inputs as pixtral_inputs
 
         model = LlavaForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32).eval()
-        return model, lambda llm, prompt: hf_inputs(prompt)
+        return model, lambda llm, prompt: pixtral_inputs(prompt)
     if family_id == "mllama":
         from transformers import MllamaForConditionalGeneration
 
-        from tests.models.mllama.test_model_parity import hf_inputs
+        from tests.models.mllama.test_model_parity import hf_inputs as mllama_inputs
 
         model = MllamaForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32).eval()
-        return model, lambda llm, prompt: hf_inputs(llm.processor, prompt)
+        return model, lambda llm, prompt: mllama_inputs(llm.processor, prompt)
     raise ValueError(family_id)
 
 

@@ -11,7 +11,6 @@ from kernels import reference
 
 def naive(q, k_cache, v_cache, block_tables, seq_lens, qsl, scale):
     out = torch.empty_like(q)
-    bs = k_cache.shape[1]
     for i, n in enumerate(seq_lens.tolist()):
         s, e = qsl[i].item(), qsl[i + 1].item()
         if e == s:

@@ -31,7 +31,7 @@ from torch import nn
 
 import kernels
 from server.models.interfaces import KVCacheSpec
-from server.models.layers.attention import PagedAttention
+from server.models.layers.decoder import GatedMLP, PagedSelfAttention
 from server.models.layers.norm import RMSNorm
 from server.models.layers.rotary import rope_cos_sin, rope_inv_freq
 from server.models.layers.weights import IGNORED_SUFFIXES, WeightLoadTracker
@@ -62,43 +62,16 @@ def llama3_inv_freq(head_dim: int, theta: float, scaling: Llama3RopeScaling | No
     return torch.where(medium, blended, scaled)
 
 
-class MllamaMLP(nn.Module):
-    def __init__(self, cfg: MllamaModelConfig, dtype: torch.dtype, device: Device) -> None:
-        super().__init__()
-        # Rows: gate (I), then up (I) — the order kernels.silu_and_mul expects.
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False, dtype=dtype, device=device)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False, dtype=dtype, device=device)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x)))
-
-
-class MllamaSelfAttention(nn.Module):
-    def __init__(self, cfg: MllamaModelConfig, cache_idx: int, dtype: torch.dtype, device: Device) -> None:
-        super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=False, dtype=dtype, device=device)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False, dtype=dtype, device=device)
-        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, cache_idx, self.head_dim**-0.5)
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        n = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(n, self.num_heads, self.head_dim)
-        k = k.view(n, self.num_kv_heads, self.head_dim)
-        v = v.view(n, self.num_kv_heads, self.head_dim)
-        kernels.rotary(q, k, cos, sin)
-        return self.o_proj(self.attn(q, k, v, batch).reshape(n, self.q_size))
-
-
 class MllamaSelfAttentionLayer(nn.Module):
     def __init__(self, cfg: MllamaModelConfig, cache_idx: int, dtype: torch.dtype, device: Device) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-        self.self_attn = MllamaSelfAttention(cfg, cache_idx, dtype, device)
+        self.self_attn = PagedSelfAttention(
+            cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cache_idx,
+            qkv_bias=False, dtype=dtype, device=device,
+        )
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-        self.mlp = MllamaMLP(cfg, dtype, device)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, dtype, device)
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, batch)
@@ -143,7 +116,7 @@ class MllamaCrossAttentionLayer(nn.Module):
         self.cross_attn = MllamaCrossAttention(cfg, cross_idx, dtype, device)
         self.cross_attn_attn_gate = nn.Parameter(torch.empty(1, dtype=dtype, device=device))
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-        self.mlp = MllamaMLP(cfg, dtype, device)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, dtype, device)
         self.cross_attn_mlp_gate = nn.Parameter(torch.empty(1, dtype=dtype, device=device))
 
     def forward(

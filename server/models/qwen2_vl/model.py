@@ -16,10 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
 from server.models.interfaces import KVCacheSpec
-from server.models.layers.attention import PagedAttention
-from server.models.layers.norm import RMSNorm
+from server.models.layers.decoder import TextDecoder
 from server.models.layers.rotary import mrope_cos_sin, rope_inv_freq
 from server.models.layers.weights import IGNORED_SUFFIXES, WeightLoadTracker
 from server.models.qwen2_vl.config import Qwen2VLModelConfig
@@ -30,92 +28,6 @@ from server.runner.forward_batch import ForwardBatch
 logger = logging.getLogger(__name__)
 
 Device = torch.device | str
-
-
-class Qwen2Attention(nn.Module):
-    def __init__(self, cfg: Qwen2VLModelConfig, layer_idx: int, dtype: torch.dtype, device: Device) -> None:
-        super().__init__()
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = cfg.num_key_value_heads
-        self.head_dim = cfg.head_dim
-        self.q_size = self.num_heads * self.head_dim
-        self.kv_size = self.num_kv_heads * self.head_dim
-        # Rows: q (Hq * D), then k (Hkv * D), then v (Hkv * D).
-        self.qkv_proj = nn.Linear(
-            cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=True, dtype=dtype, device=device
-        )
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False, dtype=dtype, device=device)
-        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, layer_idx, self.head_dim**-0.5)
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        n = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        # Strided [T, H, D] views into the fused output, no copies: the kernels need only the
-        # last dim contiguous.
-        q = q.view(n, self.num_heads, self.head_dim)
-        k = k.view(n, self.num_kv_heads, self.head_dim)
-        v = v.view(n, self.num_kv_heads, self.head_dim)
-        kernels.rotary(q, k, cos, sin)
-        out = self.attn(q, k, v, batch)  # [T, Hq, D]
-        return self.o_proj(out.reshape(n, self.q_size))
-
-
-class Qwen2MLP(nn.Module):
-    def __init__(self, cfg: Qwen2VLModelConfig, dtype: torch.dtype, device: Device) -> None:
-        super().__init__()
-        # Rows: gate (I), then up (I) — the order kernels.silu_and_mul expects.
-        self.gate_up_proj = nn.Linear(
-            cfg.hidden_size, 2 * cfg.intermediate_size, bias=False, dtype=dtype, device=device
-        )
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False, dtype=dtype, device=device)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x)))
-
-
-class Qwen2DecoderLayer(nn.Module):
-    def __init__(self, cfg: Qwen2VLModelConfig, layer_idx: int, dtype: torch.dtype, device: Device) -> None:
-        super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-        self.self_attn = Qwen2Attention(cfg, layer_idx, dtype, device)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-        self.mlp = Qwen2MLP(cfg, dtype, device)
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        residual: torch.Tensor | None,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        batch: ForwardBatch,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: the previous layer's output before its residual add; residual: the running sum
-        (None at the first layer, where x is the embeddings). Returns the same pair."""
-        if residual is None:
-            residual = x
-            x = self.input_layernorm(x)
-        else:
-            x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(x, cos, sin, batch)
-        x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
-
-
-class Qwen2TextModel(nn.Module):
-    def __init__(self, cfg: Qwen2VLModelConfig, dtype: torch.dtype, device: Device) -> None:
-        super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
-        self.layers = nn.ModuleList(Qwen2DecoderLayer(cfg, i, dtype, device) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        residual = None
-        for layer in self.layers:
-            x, residual = layer(x, residual, cos, sin, batch)
-        if residual is None:  # no layers
-            return self.norm(x)
-        x, _ = self.norm(x, residual)
-        return x
 
 
 class Qwen2VLForConditionalGeneration(nn.Module):
@@ -132,7 +44,11 @@ class Qwen2VLForConditionalGeneration(nn.Module):
         # random init of weights the checkpoint overwrites.
         meta = torch.device("meta")
         self.visual = Qwen2VisionTransformer(config.vision, dtype, meta)
-        self.language_model = Qwen2TextModel(config, dtype, meta)
+        c = config
+        self.language_model = TextDecoder(
+            c.vocab_size, c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads,
+            c.num_key_value_heads, c.head_dim, c.rms_norm_eps, qkv_bias=True, dtype=dtype, device=meta,
+        )
         self.lm_head: nn.Linear | None = None
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype, device=meta)

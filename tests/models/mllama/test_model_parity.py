@@ -7,7 +7,6 @@ projections, Linear patch embedding instead of Conv2d, SDPA vs explicit softmax)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import numpy as np
 import pytest

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from transformers import AutoTokenizer
 from transformers.models.pixtral.image_processing_pil_pixtral import (

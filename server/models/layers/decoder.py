@@ -1,0 +1,107 @@
+"""The pre-norm decoder shared by the Qwen2, Mistral and Llama language models: fused
+q/k/v attention over the paged KV cache, a SiLU-gated MLP with fused gate/up, RMSNorm with
+the residual add fused into it.
+
+Module names (`self_attn.qkv_proj`, `mlp.gate_up_proj`, `input_layernorm`, ...) are what the
+families' `load_weights` map checkpoint names onto. Tensors are [T, hidden] over the step's
+flattened batch; cos/sin [T, head_dim // 2] come from the family's rotary.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import kernels
+from server.models.layers.attention import PagedAttention
+from server.models.layers.norm import RMSNorm
+from server.runner.forward_batch import ForwardBatch
+
+Device = torch.device | str
+
+
+class PagedSelfAttention(nn.Module):
+    def __init__(
+        self, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, layer_idx: int, qkv_bias: bool,
+        dtype: torch.dtype, device: Device,
+    ) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.q_size, self.kv_size = num_heads * head_dim, num_kv_heads * head_dim
+        # Rows: q (Hq * D), then k (Hkv * D), then v (Hkv * D).
+        self.qkv_proj = nn.Linear(hidden, self.q_size + 2 * self.kv_size, bias=qkv_bias, dtype=dtype, device=device)
+        self.o_proj = nn.Linear(self.q_size, hidden, bias=False, dtype=dtype, device=device)
+        self.attn = PagedAttention(num_heads, num_kv_heads, head_dim, layer_idx, head_dim**-0.5)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        n = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        # Strided [T, H, D] views into the fused output, no copies: the kernels need only the
+        # last dim contiguous.
+        q = q.view(n, self.num_heads, self.head_dim)
+        k = k.view(n, self.num_kv_heads, self.head_dim)
+        v = v.view(n, self.num_kv_heads, self.head_dim)
+        kernels.rotary(q, k, cos, sin)
+        return self.o_proj(self.attn(q, k, v, batch).reshape(n, self.q_size))
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, hidden: int, intermediate: int, dtype: torch.dtype, device: Device) -> None:
+        super().__init__()
+        # Rows: gate (I), then up (I) — the order kernels.silu_and_mul expects.
+        self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=False, dtype=dtype, device=device)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(
+        self, hidden: int, intermediate: int, num_heads: int, num_kv_heads: int, head_dim: int, eps: float,
+        layer_idx: int, qkv_bias: bool, dtype: torch.dtype, device: Device,
+    ) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(hidden, eps, dtype, device)
+        self.self_attn = PagedSelfAttention(hidden, num_heads, num_kv_heads, head_dim, layer_idx, qkv_bias, dtype, device)
+        self.post_attention_layernorm = RMSNorm(hidden, eps, dtype, device)
+        self.mlp = GatedMLP(hidden, intermediate, dtype, device)
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the previous layer's output before its residual add; residual: the running sum
+        (None at the first layer, where x is the embeddings). Returns the same pair."""
+        if residual is None:
+            residual = x
+            x = self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, cos, sin, batch)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class TextDecoder(nn.Module):
+    """Token embeddings, `num_layers` DecoderLayers, the final norm."""
+
+    def __init__(
+        self, vocab_size: int, hidden: int, intermediate: int, num_layers: int, num_heads: int, num_kv_heads: int,
+        head_dim: int, eps: float, qkv_bias: bool, dtype: torch.dtype, device: Device,
+    ) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(vocab_size, hidden, dtype=dtype, device=device)
+        self.layers = nn.ModuleList(
+            DecoderLayer(hidden, intermediate, num_heads, num_kv_heads, head_dim, eps, i, qkv_bias, dtype, device)
+            for i in range(num_layers)
+        )
+        self.norm = RMSNorm(hidden, eps, dtype, device)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        residual = None
+        for layer in self.layers:
+            x, residual = layer(x, residual, cos, sin, batch)
+        if residual is None:  # no layers
+            return self.norm(x)
+        x, _ = self.norm(x, residual)
+        return x
