@@ -9,6 +9,8 @@ import os
 import sys
 from pathlib import Path
 
+from server.models.registry import TINY_MAKERS
+
 DEMO_FAMILY = "qwen2_vl"
 
 
@@ -49,7 +51,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
 ENGINE_FLAGS = (
     "dtype", "device", "kernel_backend", "seed", "block_size", "num_kv_blocks", "kv_cache_memory_gb", "num_cross_kv_blocks",
     "enable_prefix_caching", "max_model_len", "max_num_batched_tokens", "max_num_seqs",
-    "max_encoder_tokens_per_step", "encoder_cache_size", "min_pixels", "max_pixels",
+    "max_encoder_tokens_per_step", "encoder_cache_size", "min_pixels", "max_pixels", "engine_mode",
 )  # fmt: skip
 
 
@@ -126,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--served-model-name")
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (also $VLMSERVE_API_KEY)")
     s.add_argument("--max-request-body-bytes", type=int)
+    s.add_argument("--engine-mode", choices=["process", "thread"],
+                   help="run the engine step loop in its own process (default) or on a thread of this one")
     s.add_argument("--limit-mm-per-prompt", help="most media items per request, e.g. image=4,video=1")
     m = serve.add_argument_group("media")
     m.add_argument("--max-image-pixels", type=int, help="refuse larger images (checked from the header)")
@@ -147,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
 
     tiny = sub.add_parser("make-tiny-model", help="write a tiny random-weight checkpoint in the HF on-disk format")
-    tiny.add_argument("--family", required=True, choices=["qwen2_vl", "pixtral"])
+    tiny.add_argument("--family", required=True, choices=sorted(TINY_MAKERS))
     tiny.add_argument("--format", choices=["hf", "mistral"], default=None,
                       help="Pixtral only: the Hugging Face layout (default) or Mistral's (params.json, tekken.json)")
     tiny.add_argument("--out", required=True)
