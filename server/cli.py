@@ -185,6 +185,13 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, FileNotFoundError) as e:
         print(f"vlmserve: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except RuntimeError as e:
+        from server.engine.core_client import EngineStartupError
+
+        if not isinstance(e, EngineStartupError):
+            raise
+        print(f"vlmserve: error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -38,8 +38,14 @@ class EngineConfig:
     # Image processor overrides (None: the checkpoint's preprocessor_config.json).
     min_pixels: int | None = None
     max_pixels: int | None = None
+    # Where the step loop of `vlmserve serve` runs: "process" (its own process: the API
+    # process's HTTP, JSON, media and detokenization never contend with it for the GIL) or
+    # "thread" (a thread of the API process). The offline `LLM` always runs in the caller.
+    engine_mode: str = "process"
 
     def __post_init__(self) -> None:
+        if self.engine_mode not in ("process", "thread"):
+            raise ValueError(f"engine_mode (--engine-mode) must be process or thread, got {self.engine_mode!r}")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ValueError(f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
         if self.kernel_backend not in ("auto", "triton", "torch"):

@@ -82,3 +82,20 @@ def launch_server(model_dir: Path, workdir: Path, *extra_args: str, env: dict | 
             proc.wait(15)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def process_exited(pid: int) -> bool:
+    """Gone, or a zombie nobody reaped (an orphan's zombie under a container init counts)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def wait_process_exited(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not process_exited(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True

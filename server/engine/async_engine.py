@@ -1,21 +1,20 @@
 """AsyncEngine: the EngineClient the API layer talks to.
 
-Threads: the EngineCore step loop runs on its own thread ("engine-core") so the event loop
-never waits for a forward pass; chat rendering (template, tokenizer, image processing) runs
-in a worker pool. The event loop only queues requests, detokenizes (a few tokens per step)
-and hands outputs to the per-request streams.
+Where the work runs: the EngineCore step loop behind a `CoreClient` (`core_client.py`): in
+its own process (`ProcessCoreClient`, the server's default) or on a thread of this one
+(`ThreadCoreClient`). Chat rendering (template, tokenizer, image processing) runs in a worker
+pool. The event loop only queues requests, detokenizes (a few tokens per step) and hands
+outputs to the per-request streams.
 
-Cross-thread traffic: `_inputs` (event loop → core thread: add / abort) and
-`loop.call_soon_threadsafe` (core thread → event loop: outputs, faults).
+Cross-thread traffic: `CoreClient.add_request` / `abort_requests` (event loop → core) and
+`loop.call_soon_threadsafe` from the client's thread (core → event loop: one `StepResult`
+per step, or the engine's death).
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
-import queue
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,8 +22,8 @@ from typing import Any, AsyncIterator
 
 from PIL import Image
 
+from server.engine.core_client import CoreClient, StepResult
 from server.engine.detokenizer import IncrementalDetokenizer, text_token_ids
-from server.engine.engine_core import EngineCore
 from server.engine.metrics import EngineMetrics
 from server.engine.outputs import EngineCoreOutput, RequestOutput
 from server.engine.request import Request
@@ -53,49 +52,47 @@ class _Stream:
 class AsyncEngine:
     def __init__(
         self,
-        core: EngineCore,
+        core: CoreClient,
         processor: Any,
         *,
         model_name: str,
-        max_model_len: int,
         render_workers: int = 4,
     ) -> None:
+        """`core` is not started yet: `start()` starts it and learns the context length."""
         self.core = core
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.model_name = model_name
-        self.max_model_len = max_model_len
+        self.max_model_len = 0  # set by start(): the core knows it once the model is loaded
+        self.num_kv_blocks = 0
         self.eos_token_ids = frozenset(processor.eos_token_ids)
         self._render_pool = ThreadPoolExecutor(max_workers=render_workers, thread_name_prefix="render")
-        self._inputs: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._stopping = threading.Event()
-        self._dead: BaseException | None = None
+        self._started = False
+        self._dead: str | None = None
         self._draining = False
-        self.num_steps = 0
-        # The scheduler's state after the last step, published by the engine thread: readers
-        # (metrics, /v1/load) never touch the scheduler's live structures.
-        self.stats: dict[str, float] = dataclasses.asdict(core.scheduler.get_stats())
+        # The core's state after its last step (SchedulerStats, steps, encoded items), as the
+        # core published it: readers (metrics, /v1/load) never touch the live scheduler.
+        self.stats: dict[str, float] = {}
         self.metrics = EngineMetrics(model_name, self.snapshot)
         self.media_stats: Any = None  # an object with cache_hits / cache_misses (the MediaLoader)
 
     # ---- lifecycle -------------------------------------------------------------------
-    def start(self) -> None:
+    async def start(self) -> None:
+        """Returns once the core serves (in process mode: the child loaded the model); raises
+        `EngineStartupError` with the core's error otherwise."""
         self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run_core, name="engine-core", daemon=True)
-        self._thread.start()
+        info = await asyncio.to_thread(self.core.start, self._on_step_threadsafe, self._on_dead_threadsafe)
+        self.max_model_len, self.num_kv_blocks, self.stats = info.max_model_len, info.num_kv_blocks, info.stats
+        self._started = True
 
     async def shutdown(self) -> None:
-        self._stopping.set()
-        self._inputs.put(("wake", None))
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join, 10)
+        await asyncio.to_thread(self.core.shutdown)
         self._render_pool.shutdown(wait=False, cancel_futures=True)
 
     def is_healthy(self) -> bool:
-        return self._dead is None and self._thread is not None and self._thread.is_alive()
+        return self._started and self._dead is None and self.core.is_alive()
 
     def is_ready(self) -> bool:
         """Serving and not draining: a load balancer may send traffic."""
@@ -106,8 +103,6 @@ class AsyncEngine:
 
     def snapshot(self) -> dict[str, float]:
         snap = dict(self.stats)
-        snap["steps"] = self.num_steps
-        snap["encoded_items"] = self.core.runner.encoder.num_encoded_items
         if self.media_stats is not None:
             snap["media_cache_hits"] = getattr(self.media_stats, "cache_hits", 0)
             snap["media_cache_misses"] = getattr(self.media_stats, "cache_misses", 0)
@@ -160,14 +155,14 @@ class AsyncEngine:
     async def generate(
         self, prompt: ProcessedPrompt, sampling_params: SamplingParams, request_id: str
     ) -> AsyncIterator[RequestOutput]:
-        if self._dead is not None:
-            raise EngineDeadError(f"the engine stopped after an internal error: {self._dead!r}")
+        if self._dead is not None or not self.core.is_alive():
+            raise EngineDeadError(self._dead or "the engine is not running; restart the server")
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         stream = _Stream(request_id, prompt, IncrementalDetokenizer(self.tokenizer, prompt.prompt_token_ids, sampling_params))
         self._streams[request_id] = stream
         request = Request(request_id, prompt, sampling_params, eos_token_ids=self.eos_token_ids)
-        self._inputs.put(("add", request))
+        self.core.add_request(request)
         try:
             while True:
                 item = await stream.queue.get()
@@ -179,62 +174,37 @@ class AsyncEngine:
         finally:
             self._streams.pop(request_id, None)
             if not stream.finished:
-                self._inputs.put(("abort", [request_id]))
+                self.core.abort_requests([request_id])
 
     async def abort(self, request_id: str) -> None:
         stream = self._streams.pop(request_id, None)
         if stream is not None and not stream.finished:
             stream.finished = True
-            self._inputs.put(("abort", [request_id]))
+            self.core.abort_requests([request_id])
 
-    # ---- core thread -----------------------------------------------------------------
-    def _drain_inputs(self, block: bool) -> None:
-        try:
-            item = self._inputs.get(timeout=0.5) if block else self._inputs.get_nowait()
-        except queue.Empty:
-            return
-        while True:
-            kind, payload = item
-            if kind == "add":
-                try:
-                    self.core.add_request(payload)
-                except ValueError as e:
-                    self._loop.call_soon_threadsafe(self._fail_one, payload.request_id, e)
-            elif kind == "abort":
-                self.core.abort_requests(payload)
-            try:
-                item = self._inputs.get_nowait()
-            except queue.Empty:
-                return
+    # ---- from the core client's thread --------------------------------------------------
+    def _on_step_threadsafe(self, result: StepResult) -> None:
+        self._loop.call_soon_threadsafe(self._on_step, result)
 
-    def _run_core(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                self._drain_inputs(block=not self.core.has_unfinished_requests())
-                if not self.core.has_unfinished_requests():
-                    continue
-                outputs = self.core.step()
-                self.num_steps += 1
-                self.stats = dataclasses.asdict(self.core.scheduler.get_stats())
-            except Exception as e:  # an engine fault: fail every stream, report unhealthy
-                logger.exception("engine step failed")
-                self._dead = e
-                self._loop.call_soon_threadsafe(self._fail_all, e)
-                return
-            if outputs:
-                self._loop.call_soon_threadsafe(self._dispatch, outputs)
+    def _on_dead_threadsafe(self, message: str) -> None:
+        self._dead = message  # set here too: /health turns 503 before the loop runs _fail_all
+        self._loop.call_soon_threadsafe(self._fail_all, message)
 
     # ---- event loop side -------------------------------------------------------------
-    def _fail_one(self, request_id: str, error: Exception) -> None:
-        stream = self._streams.get(request_id)
-        if stream is not None:
-            stream.finished = True
-            stream.queue.put_nowait(error)
+    def _on_step(self, result: StepResult) -> None:
+        self.stats = result.stats
+        for req_id, why in result.rejected:
+            stream = self._streams.get(req_id)
+            if stream is not None:
+                stream.finished = True
+                stream.queue.put_nowait(ValueError(why))
+        if result.outputs:
+            self._dispatch(result.outputs)
 
-    def _fail_all(self, error: BaseException) -> None:
+    def _fail_all(self, message: str) -> None:
         for stream in list(self._streams.values()):
             stream.finished = True
-            stream.queue.put_nowait(EngineDeadError(f"the engine stopped after an internal error: {error!r}"))
+            stream.queue.put_nowait(EngineDeadError(message))
 
     def _record(self, stream: _Stream, num_new: int, finish_reason: str | None) -> None:
         now = time.monotonic()
@@ -261,7 +231,7 @@ class AsyncEngine:
             if stop_str is not None:
                 finish_reason, stop_reason = "stop", stop_str
                 if out.finish_reason is None:
-                    self._inputs.put(("abort", [out.req_id]))
+                    self.core.abort_requests([out.req_id])
             elif finish_reason is not None:
                 text += stream.detok.flush()
             finished = finish_reason is not None

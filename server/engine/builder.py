@@ -1,17 +1,27 @@
-"""Build an EngineCore (model, KV cache, runner, scheduler) and the family's processor
-from an EngineConfig. Used by the server, the offline LLM API and the benchmark."""
+"""Build the engine from an EngineConfig, in two halves that may live in different processes:
+
+- `build_frontend`: the family processor (chat template, tokenizer, image processor). No
+  weights: this is all the API process needs.
+- `build_core`: model weights, KV cache, runner and scheduler (the `EngineCore`). Runs where
+  the step loop runs: the engine-core process (`core_client.ProcessCoreClient`) or, in thread
+  mode and for the offline `LLM`, the caller's process.
+
+`build_engine` builds both in this process (the offline `LLM`, `vlmserve bench`);
+`build_core_client` builds what the server needs for its `engine_mode`.
+"""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import torch
 
 import kernels
 from server.config import EngineConfig
+from server.engine.core_client import CoreClient, ProcessCoreClient, ThreadCoreClient
 from server.engine.engine_core import EngineCore
 from server.engine.scheduler import Scheduler
 from server.models import registry
@@ -19,6 +29,20 @@ from server.models.loader import load_model, read_hf_config, resolve_model_dir
 from server.runner.model_runner import ModelRunner, kv_block_bytes
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FrontendParts:
+    processor: Any
+    model_dir: Path  # resolved: a hub repo id is downloaded here first
+    default_model_name: str
+
+
+@dataclass
+class CoreParts:
+    core: EngineCore
+    max_model_len: int
+    num_kv_blocks: int
 
 
 @dataclass
@@ -36,18 +60,27 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_engine(config: EngineConfig) -> EngineParts:
-    kernels.set_backend(config.kernel_backend)
-    torch.manual_seed(config.seed)
-    model_dir = resolve_model_dir(config.model)
+def build_frontend(config: EngineConfig, model_dir: Path | None = None) -> FrontendParts:
+    """`model_dir`: the already resolved checkpoint directory (None: resolve `config.model`)."""
+    model_dir = model_dir or resolve_model_dir(config.model)
     hf_config = read_hf_config(model_dir)
-    device = resolve_device(config.device)
     family = registry.family_for_config(hf_config)
-    model, model_config = load_model(model_dir, dtype=config.dtype, device=device)
-    dtype = next(model.parameters()).dtype
     processor = family.processor_class()(
         model_dir, hf_config, min_pixels=config.min_pixels, max_pixels=config.max_pixels
     )
+    name = config.model if not Path(config.model).exists() else model_dir.name
+    return FrontendParts(processor, model_dir, name)
+
+
+def build_core(config: EngineConfig, model_dir: Path, eos_token_ids: Callable[[], Iterable[int]]) -> CoreParts:
+    """`eos_token_ids` is called once the weights are loaded: the processor that knows them may
+    be built meanwhile, in another process (the engine-core process receives them by pipe)."""
+    kernels.set_backend(config.kernel_backend)
+    torch.manual_seed(config.seed)
+    hf_config = read_hf_config(model_dir)
+    device = resolve_device(config.device)
+    model, model_config = load_model(model_dir, dtype=config.dtype, device=device)
+    dtype = next(model.parameters()).dtype
 
     max_model_len = config.max_model_len or model_config.max_position_embeddings
     if config.num_kv_blocks is not None:
@@ -69,7 +102,7 @@ def build_engine(config: EngineConfig) -> EngineParts:
         block_size=config.block_size,
         dtype=dtype,
         device=device,
-        eos_token_ids=frozenset(processor.eos_token_ids),
+        eos_token_ids=frozenset(eos_token_ids()),
         seed=config.seed,
         num_cross_blocks=num_cross_blocks,
     )
@@ -78,5 +111,30 @@ def build_engine(config: EngineConfig) -> EngineParts:
         "engine ready: %s on %s (%s), %d KV blocks x %d tokens, context %d",
         hf_config.get("architectures", ["?"])[0], device, dtype, num_blocks, config.block_size, max_model_len,
     )
-    name = config.model if not Path(config.model).exists() else model_dir.name
-    return EngineParts(EngineCore(scheduler, runner), processor, model_dir, max_model_len, name)
+    return CoreParts(EngineCore(scheduler, runner), max_model_len, num_blocks)
+
+
+def build_engine(config: EngineConfig) -> EngineParts:
+    frontend = build_frontend(config)
+    core = build_core(config, frontend.model_dir, lambda: frontend.processor.eos_token_ids)
+    return EngineParts(core.core, frontend.processor, frontend.model_dir, core.max_model_len,
+                       frontend.default_model_name)
+
+
+def build_core_client(config: EngineConfig) -> tuple[CoreClient, FrontendParts]:
+    """The server's engine, per `config.engine_mode`, not yet started. Process mode spawns the
+    engine-core process first: it imports torch and loads the weights while this process
+    builds the processor (then sends it the EOS ids, the one thing the core needs from it)."""
+    if config.engine_mode == "thread":
+        frontend = build_frontend(config)
+        parts = build_core(config, frontend.model_dir, lambda: frontend.processor.eos_token_ids)
+        return ThreadCoreClient(parts.core, parts.max_model_len, parts.num_kv_blocks), frontend
+    model_dir = resolve_model_dir(config.model)  # a hub download happens once, here
+    client = ProcessCoreClient(config, model_dir)
+    try:
+        frontend = build_frontend(config, model_dir)
+    except BaseException:
+        client.shutdown()
+        raise
+    client.send_init(frontend.processor.eos_token_ids)
+    return client, frontend

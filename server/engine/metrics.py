@@ -3,7 +3,7 @@ over), plus vlmserve's encoder and media metrics.
 
 Request-level series (latencies, token counts, finish reasons) are recorded by the
 AsyncEngine on the event loop as outputs arrive; engine-level series (queue sizes, KV usage,
-cache hits) are read at scrape time from the scheduler snapshot the engine thread publishes
+cache hits) are read at scrape time from the scheduler snapshot the engine loop publishes
 after each step, so a scrape never touches the scheduler's live structures.
 """
 

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.utils import image, launch_server, png_data_url
+from tests.utils import image, launch_server, png_data_url, wait_process_exited
 
 
-@pytest.fixture(scope="module")
-def server(tiny_ckpt, tmp_path_factory):
-    with launch_server(tiny_ckpt, tmp_path_factory.mktemp("server")) as base:
+@pytest.fixture(scope="module", params=["process", "thread"])
+def server(request, tiny_ckpt, tmp_path_factory):
+    with launch_server(tiny_ckpt, tmp_path_factory.mktemp("server"), "--engine-mode", request.param) as base:
         yield base
 
 
@@ -88,3 +96,49 @@ def test_empty_video_gets_a_400(server):
     ]}]
     r = httpx.post(server + "/v1/chat/completions", json={"model": "tiny", "messages": bad}, timeout=30)
     assert r.status_code == 400, r.text
+
+
+# ---- the engine core's process (the default engine mode) ----------------------------------
+def _engine_pid(workdir: Path) -> int:
+    match = re.search(r"engine core: process, pid (\d+)", (workdir / "server.log").read_text())
+    assert match, "the server did not log its engine process"
+    return int(match.group(1))
+
+
+def test_killed_engine_process_fails_the_stream_and_health_turns_503(tiny_ckpt, tmp_path):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Tell me a long story."}],
+            "max_tokens": 1000, "stream": True, "ignore_eos": True, "temperature": 0}
+    with launch_server(tiny_ckpt, tmp_path) as base:
+        engine_pid = _engine_pid(tmp_path)
+        with httpx.Client(timeout=30) as c, c.stream("POST", base + "/v1/chat/completions", json=body) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+            os.kill(engine_pid, signal.SIGKILL)
+            t0 = time.monotonic()
+            rest = [line for line in lines if line]  # must end (a hang is a ReadTimeout)
+        assert time.monotonic() - t0 < 10
+        assert rest[-1] == "data: [DONE]"
+        assert "error" in json.loads(rest[-2].removeprefix("data: "))
+        assert httpx.get(base + "/health").status_code == 503
+        assert httpx.get(base + "/ready").status_code == 503
+        r = httpx.post(base + "/v1/chat/completions", timeout=10, json={**body, "stream": False})
+        assert r.status_code == 500 and r.json()["error"]["message"]
+
+
+def test_sigterm_stops_the_engine_process(tiny_ckpt, tmp_path):
+    with launch_server(tiny_ckpt, tmp_path) as base:
+        engine_pid = _engine_pid(tmp_path)
+        ok = httpx.post(base + "/v1/chat/completions", timeout=30, json={
+            "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        assert ok.status_code == 200
+    # launch_server sent SIGTERM and waited for the server to exit
+    assert wait_process_exited(engine_pid, 5), "the engine process outlived the server"
+
+
+def test_serve_exits_with_the_engine_processs_error_when_it_cannot_start(tiny_ckpt, tmp_path):
+    args = [sys.executable, "-m", "server.cli", "serve", "--model", str(tiny_ckpt), "--port", "1",
+            "--kv-cache-memory-gb", "1e-7"]
+    env = dict(os.environ, VLMSERVE_CACHE=str(tmp_path))
+    done = subprocess.run(args, capture_output=True, text=True, timeout=90, env=env)
+    assert done.returncode != 0
+    assert "holds only 0 KV blocks; raise it" in done.stderr.splitlines()[-1]

@@ -16,8 +16,9 @@ FAMILIES = {
 }
 
 
+@pytest.mark.parametrize("engine_mode", ["process", "thread"])
 @pytest.mark.parametrize("family_id", list(FAMILIES))
-def test_served_family_answers_like_the_offline_engine(family_id, tmp_path_factory):
+def test_served_family_answers_like_the_offline_engine(family_id, engine_mode, tmp_path_factory):
     from openai import OpenAI
 
     family, kwargs = FAMILIES[family_id]
@@ -28,7 +29,8 @@ def test_served_family_answers_like_the_offline_engine(family_id, tmp_path_facto
     prompt = llm.render_chat([user(img, question)], [img])
     expected = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))[0]
 
-    with launch_server(ckpt, tmp_path_factory.mktemp(f"{family_id}_server"), "--num-cross-kv-blocks", "1024") as base:
+    with launch_server(ckpt, tmp_path_factory.mktemp(f"{family_id}_server"), "--num-cross-kv-blocks", "1024",
+                       "--engine-mode", engine_mode) as base:
         client = OpenAI(base_url=base + "/v1", api_key="unused")
         messages = [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": png_data_url(img)}}, {"type": "text", "text": question}]}]

@@ -24,10 +24,11 @@ KEY = "test-key-123"
 UNRESTRICTED = {"ignore_eos": True, "top_k": -1}
 
 
-@pytest.fixture(scope="module")
-def base(tiny_ckpt, tmp_path_factory):
+@pytest.fixture(scope="module", params=["process", "thread"])
+def base(request, tiny_ckpt, tmp_path_factory):
     with launch_server(
         tiny_ckpt, tmp_path_factory.mktemp("server"), "--limit-mm-per-prompt", "image=4,video=1",
+        "--engine-mode", request.param,
         env={"VLMSERVE_API_KEY": KEY},
     ) as url:
         yield url
