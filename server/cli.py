@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-request-body-bytes", type=int)
     s.add_argument("--engine-mode", choices=["process", "thread"],
                    help="run the engine step loop in its own process (default) or on a thread of this one")
-    s.add_argument("--limit-mm-per-prompt", help="most media items per request, e.g. image=4,video=1")
+    s.add_argument("--limit-mm-per-prompt", help="most media items per request (default image=32,video=2), e.g. image=64")
     m = serve.add_argument_group("media")
     m.add_argument("--max-image-pixels", type=int, help="refuse larger images (checked from the header)")
     m.add_argument("--max-media-bytes", type=int, help="byte cap of one encoded image")

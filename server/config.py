@@ -57,6 +57,9 @@ class EngineConfig:
             raise ValueError(f"num_kv_blocks must be at least 2, got {self.num_kv_blocks}")
 
 
+DEFAULT_MM_LIMITS = {"image": 32, "video": 2}
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"
@@ -64,8 +67,9 @@ class ServerConfig:
     served_model_name: str | None = None
     api_key: str | None = None
     max_request_body_bytes: int = 64 * 1024 * 1024
-    # Per-request media counts, e.g. {"image": 8, "video": 1}; a modality not named is unlimited.
-    limit_mm_per_prompt: dict[str, int] = field(default_factory=dict)
+    # Most media items per request. Bounded by default: every item is fetched and decoded
+    # before the prompt's length is known, so an unbounded count is a memory attack.
+    limit_mm_per_prompt: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_MM_LIMITS))
     log_level: str = "info"
 
 
@@ -119,7 +123,7 @@ def _split(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], d
         if key in engine_keys:
             eng[key] = value
         elif key in server_keys:
-            srv[key] = parse_mm_limits(value) if key == "limit_mm_per_prompt" else value
+            srv[key] = {**DEFAULT_MM_LIMITS, **parse_mm_limits(value)} if key == "limit_mm_per_prompt" else value
         elif key in media_keys:
             med[key] = tuple(value) if key == "allowed_media_domains" and value is not None else value
         else:
