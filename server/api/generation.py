@@ -21,7 +21,7 @@ from starlette.types import Receive, Scope, Send
 
 from server.api.errors import APIError, internal_error
 from server.api.sampling import params_for_choice
-from server.engine.client import EngineClient
+from server.engine.client import EngineClient, RequestRejected
 from server.engine.outputs import RequestOutput, TokenLogprob
 from server.engine.sampling_params import SamplingParams
 from server.multimodal.inputs import ProcessedPrompt
@@ -73,6 +73,8 @@ async def generate_choices(
             if item is _DONE:
                 remaining -= 1
                 continue
+            if isinstance(item, RequestRejected):
+                raise APIError(str(item), 400, code="request_rejected")
             if isinstance(item, BaseException):
                 logger.error("engine request %s failed", ids[index], exc_info=item)
                 raise internal_error()

@@ -22,6 +22,7 @@ from typing import Any, AsyncIterator
 
 from PIL import Image
 
+from server.engine.client import RequestRejected
 from server.engine.core_client import CoreClient, StepResult
 from server.engine.detokenizer import IncrementalDetokenizer, text_token_ids
 from server.engine.metrics import EngineMetrics
@@ -197,7 +198,7 @@ class AsyncEngine:
             stream = self._streams.get(req_id)
             if stream is not None:
                 stream.finished = True
-                stream.queue.put_nowait(ValueError(why))
+                stream.queue.put_nowait(RequestRejected(why))
         if result.outputs:
             self._dispatch(result.outputs)
 

@@ -17,6 +17,12 @@ from server.engine.sampling_params import SamplingParams
 from server.multimodal.inputs import ProcessedPrompt
 
 
+class RequestRejected(ValueError):
+    """The engine refused a request it can never serve under this deployment's limits (an
+    image larger than the encoder budget, a prompt larger than the KV cache, ...). The
+    message names the limit and the flag that raises it; the API answers 400."""
+
+
 class EngineClient(Protocol):
     model_name: str  # the served model name (what /v1/models lists)
     max_model_len: int

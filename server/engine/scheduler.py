@@ -85,13 +85,13 @@ class Scheduler:
         if n >= self.max_model_len:
             raise ValueError(
                 f"the prompt has {n} tokens but max_model_len is {self.max_model_len}: "
-                "shorten the prompt or raise max_model_len"
+                "shorten the prompt or raise --max-model-len"
             )
         if n > self._kv_capacity_tokens:
             raise ValueError(
                 f"the prompt has {n} tokens but the whole KV cache holds "
                 f"{self._kv_capacity_tokens} ({self.kv_cache.num_blocks} blocks of "
-                f"{self.block_size}): shorten the prompt or raise kv_cache_memory_gb"
+                f"{self.block_size}): shorten the prompt or raise --kv-cache-memory-gb or --num-kv-blocks"
             )
         limit = min(self.config.encoder_cache_size, self.config.max_encoder_tokens_per_step)
         for item in request.mm_items:
@@ -100,7 +100,7 @@ class Scheduler:
                     f"an {item.modality} needs {item.encoder_rows} encoder rows but at most "
                     f"{limit} fit (encoder_cache_size={self.config.encoder_cache_size}, "
                     f"max_encoder_tokens_per_step={self.config.max_encoder_tokens_per_step}): "
-                    "send a smaller image or raise those limits"
+                    "send a smaller image or raise --encoder-cache-size and --max-encoder-tokens-per-step"
                 )
         if any(item.cross_attn_tokens for item in request.mm_items):
             if self.cross_kv is None:
@@ -109,7 +109,7 @@ class Scheduler:
                 raise ValueError(
                     f"the images need {CrossKVManager.num_rows(request)} cross-attention rows but the cross "
                     f"K/V pool holds {self.cross_kv.num_blocks * self.block_size}: send fewer or smaller "
-                    "images or raise num_cross_kv_blocks"
+                    "images or raise --num-cross-kv-blocks"
                 )
         request.status = RequestStatus.WAITING
         self.requests[request.request_id] = request

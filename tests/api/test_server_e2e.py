@@ -142,3 +142,15 @@ def test_serve_exits_with_the_engine_processs_error_when_it_cannot_start(tiny_ck
     done = subprocess.run(args, capture_output=True, text=True, timeout=90, env=env)
     assert done.returncode != 0
     assert "holds only 0 KV blocks; raise it" in done.stderr.splitlines()[-1]
+
+
+def test_an_image_the_engine_can_never_encode_gets_a_400_naming_the_limit(tiny_ckpt, tmp_path_factory):
+    args = ("--max-encoder-tokens-per-step", "16", "--encoder-cache-size", "16")
+    with launch_server(tiny_ckpt, tmp_path_factory.mktemp("small_encoder"), *args) as base:
+        r = httpx.post(base + "/v1/chat/completions", timeout=30, json={"model": "tiny", "max_tokens": 2,
+                       "messages": _messages(image(448, 448, 3))})
+        assert r.status_code == 400, r.text
+        assert "max_encoder_tokens_per_step=16" in r.json()["error"]["message"]
+        ok = httpx.post(base + "/v1/chat/completions", timeout=30, json={"model": "tiny", "max_tokens": 2,
+                        "messages": [{"role": "user", "content": "and text?"}]})
+        assert ok.status_code == 200
