@@ -67,6 +67,8 @@ class ServerConfig:
     served_model_name: str | None = None
     api_key: str | None = None
     max_request_body_bytes: int = 64 * 1024 * 1024
+    # Admission control: requests in flight (queued or running) past which new ones get 503.
+    max_pending_requests: int = 4096
     # Most media items per request. Bounded by default: every item is fetched and decoded
     # before the prompt's length is known, so an unbounded count is a memory attack.
     limit_mm_per_prompt: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_MM_LIMITS))

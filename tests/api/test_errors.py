@@ -224,3 +224,19 @@ async def test_more_images_than_limit_mm_per_prompt_is_refused_before_loading(ma
         assert "--limit-mm-per-prompt" in err["message"]
         body["messages"][0]["content"] = parts[:2] + [{"type": "text", "text": "hi"}]
         assert (await c.post("/v1/chat/completions", json=body)).status_code == 200
+
+
+async def test_past_max_pending_requests_new_ones_get_503_with_retry_after(make_client, engine, monkeypatch):
+    from tests.api.helpers import MODEL
+
+    monkeypatch.setattr(type(engine), "num_unfinished", 5, raising=False)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    async with make_client(max_pending_requests=5) as c:
+        r = await c.post("/v1/chat/completions", json=body)
+        assert r.status_code == 503
+        assert r.headers["retry-after"] == "1"
+        assert "--max-pending-requests 5" in r.json()["error"]["message"]
+        r = await c.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2})
+        assert r.status_code == 503
+    async with make_client(max_pending_requests=6) as c:
+        assert (await c.post("/v1/chat/completions", json=body)).status_code == 200

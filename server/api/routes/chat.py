@@ -26,7 +26,7 @@ from server.api.protocol import (
     ChatCompletionResponse,
     ChatStreamChoice,
 )
-from server.api.routes.common import ResponseContext, check_request, make_usage, render_prompt
+from server.api.routes.common import ResponseContext, check_capacity, check_request, make_usage, render_prompt
 from server.api.routes.conversation import check_media_limits, load_media, to_hf_conversation
 from server.api.sampling import build_sampling_params
 from server.engine.outputs import RequestOutput
@@ -41,6 +41,7 @@ async def create_chat_completion(
     config: ConfigDep,
 ) -> ChatCompletionResponse | Response:
     check_request(body, engine)
+    check_capacity(engine, config.max_pending_requests)
     conversation, refs = to_hf_conversation(body.messages)
     check_media_limits(refs, config.limit_mm_per_prompt)
     images, videos = await load_media(refs, media)

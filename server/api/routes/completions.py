@@ -7,7 +7,7 @@ from typing import AsyncIterator
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from server.api.deps import EngineDep, TokenRendererDep
+from server.api.deps import ConfigDep, EngineDep, TokenRendererDep
 from server.api.errors import APIError, internal_error
 from server.api.generation import (
     SSEResponse,
@@ -19,7 +19,7 @@ from server.api.generation import (
 )
 from server.api.logprobs import TokenRenderer
 from server.api.protocol import CompletionChoice, CompletionRequest, CompletionResponse
-from server.api.routes.common import ResponseContext, check_request, make_usage, render_prompt
+from server.api.routes.common import ResponseContext, check_capacity, check_request, make_usage, render_prompt
 from server.api.sampling import build_sampling_params
 from server.engine.outputs import RequestOutput
 from server.engine.sampling_params import SamplingParams
@@ -45,9 +45,10 @@ def single_prompt(prompt: str | list[int] | list[str]) -> str | list[int]:
 
 @router.post("/v1/completions", response_model=None)
 async def create_completion(
-    body: CompletionRequest, request: Request, engine: EngineDep, renderer: TokenRendererDep
+    body: CompletionRequest, request: Request, engine: EngineDep, renderer: TokenRendererDep, config: ConfigDep,
 ) -> CompletionResponse | Response:
     check_request(body, engine)
+    check_capacity(engine, config.max_pending_requests)
     prompt = await render_prompt(engine.render_completion(single_prompt(body.prompt)), param="prompt")
     prompt_len = len(prompt.prompt_token_ids)
     params = build_sampling_params(body, defaults=engine.generation_defaults(), prompt_len=prompt_len,
