@@ -92,10 +92,10 @@ def merge_embeddings(inputs_embeds, mm_embeds, positions):
 
 
 def normalize_patchify(
-    image, mean, std, patch_size, merge_size=1, temporal_patch_size=1, layout="qwen2_vl", out_dtype=torch.float32
+    pixels, lut, patch_size, merge_size=1, temporal_patch_size=1, layout="qwen2_vl", out_dtype=torch.float32
 ):
-    return _impl("normalize_patchify", image)(
-        image, mean, std, patch_size, merge_size, temporal_patch_size, layout, out_dtype
+    return _impl("normalize_patchify", pixels)(
+        pixels, lut, patch_size, merge_size, temporal_patch_size, layout, out_dtype
     )
 
 

@@ -26,6 +26,7 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 from kernels import reference  # noqa: E402
+from kernels.cross_attention import cross_attention  # noqa: E402
 from kernels.merge_embeddings import merge_embeddings  # noqa: E402
 from kernels.normalize_patchify import normalize_patchify  # noqa: E402
 from kernels.paged_attention import paged_attention  # noqa: E402
@@ -171,7 +172,7 @@ def _merge_cases(dev, dt, sz):
 def _patchify_cases(dev, dt, sz):
     h, w, n_img = {"tiny": (28, 56, 1), "small": (56, 84, 2), "full": (1008, 756, 4)}[sz]
     imgs = [torch.randint(0, 256, (h, w, 3), dtype=torch.uint8, device=dev) for _ in range(n_img)]
-    args = (CLIP_MEAN, CLIP_STD, 14, 2, 2, "qwen2_vl", dt)
+    args = (reference.normalize_lut(CLIP_MEAN, CLIP_STD).to(dev), 14, 2, 2, "qwen2_vl", dt)
     out_bytes = n_img * (h // 14) * (w // 14) * 3 * 2 * 196 * torch.empty(0, dtype=dt).element_size()
     return [Case("normalize_patchify", f"{n_img}x {h}x{w} qwen2_vl",
                  lambda: [normalize_patchify(i, *args) for i in imgs],
@@ -179,9 +180,59 @@ def _patchify_cases(dev, dt, sz):
                  n_img * h * w * 3 + out_bytes)]
 
 
+def _image_ranges(q_len: int, seq_len: int, n_images: int) -> list[list[int]]:
+    """Mllama-like ranges: the first eighth of the tokens before any image (empty: all rows),
+    the rest split over the images, each attending to its image's rows."""
+    if seq_len == 0:
+        return [[0, 0]] * q_len
+    pre, per = q_len // 8, seq_len // n_images
+    out = [[0, 0]] * pre
+    for j in range(q_len - pre):
+        i = min(n_images - 1, j * n_images // (q_len - pre))
+        out.append([i * per, seq_len if i == n_images - 1 else (i + 1) * per])
+    return out
+
+
+def _cross_cases(dev, dt, sz):
+    # Decoder cross layers, Llama-3.2-11B-Vision's sizes at "full": 32 q / 8 kv heads × 128,
+    # 6404 rows per image (4 tiles × 1601). (name, seq_lens, query lens, images per request,
+    # heads q/kv, head dim); then the vision tower's padding-mask attention, one block per image.
+    shapes = {"tiny": [("mixed", [9, 0, 20], [3, 2, 5], 2, 2, 1, 64)],
+              "small": [("mixed", [30, 0, 50], [9, 2, 17], 2, 4, 1, 64), ("decode", [40, 33], [1, 1], 1, 4, 2, 128)],
+              "full": [("prefill 2k 1 img", [6404], [2048], 1, 32, 8, 128),
+                       ("prefill 2x1k 2 img", [12808, 12808], [1024, 1024], 2, 32, 8, 128),
+                       ("decode B64 1 img", [6404] * 64, [1] * 64, 1, 32, 8, 128)]}[sz]
+    cases = []
+    for name, sls, qls, n_img, hq, hk, d in shapes:
+        q, kc, vc, bt, sl, qsl, _, _, scale = _paged_inputs(dev, dt, sls, qls, hq, hk, d, 16)
+        rg = [r for s, ql in zip(sls, qls) for r in _image_ranges(ql, s, n_img)]
+        args = (q, kc, vc, bt, sl, torch.tensor(rg, dtype=torch.int32, device=dev), qsl, scale)
+        attended = sum((hi - lo) or s for s, ql in zip(sls, qls) for lo, hi in _image_ranges(ql, s, n_img))
+        cases.append(Case("cross_attention", f"{name} {hq}/{hk}x{d}",
+                          lambda a=args: cross_attention(*a), lambda a=args: reference.cross_attention(*a),
+                          sum(sls) * 2 * hk * d * kc.element_size() + 2 * q.numel() * q.element_size(),
+                          4 * attended * hq * d))
+    # Vision tower: tokens per image L (tiles × padded patches), real tokens R attend to all
+    # L, padding tokens to the R real ones.
+    n_img, length, real, heads, d = {"tiny": (1, 24, 17, 2, 80), "small": (2, 48, 34, 2, 80),
+                                     "full": (4, 4 * 1608, 2 * 1601, 16, 80)}[sz]
+    q = torch.randn(n_img * length, heads, d, device=dev, dtype=dt)
+    kv = torch.randn(2, n_img, length, heads, d, device=dev, dtype=dt)
+    end = torch.where(torch.arange(length, device=dev) < real, length, real).repeat(n_img)
+    rg = torch.stack([torch.zeros_like(end), end], dim=-1).to(torch.int32)
+    args = (q, kv[0], kv[1], torch.arange(n_img, dtype=torch.int32, device=dev).unsqueeze(1),
+            torch.full((n_img,), length, dtype=torch.int32, device=dev), rg,
+            torch.arange(0, (n_img + 1) * length, length, dtype=torch.int32, device=dev), d ** -0.5)
+    cases.append(Case("cross_attention", f"vision {n_img} img L{length} {heads}x{d}",
+                      lambda a=args: cross_attention(*a), lambda a=args: reference.cross_attention(*a),
+                      4 * q.numel() * q.element_size(), 4 * int(end.sum()) * heads * d))
+    return cases
+
+
 CASE_BUILDERS = {"rms_norm": _rms_cases, "silu_and_mul": _silu_cases, "rotary": _rotary_cases,
                  "varlen_attention": _varlen_cases, "paged_attention": _paged_cases, "write_kv": _write_kv_cases,
-                 "merge_embeddings": _merge_cases, "normalize_patchify": _patchify_cases}
+                 "merge_embeddings": _merge_cases, "normalize_patchify": _patchify_cases,
+                 "cross_attention": _cross_cases}
 
 
 def _max_error(got, want) -> float:

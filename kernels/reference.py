@@ -167,38 +167,93 @@ def merge_embeddings(inputs_embeds: torch.Tensor, mm_embeds: torch.Tensor, posit
 PATCH_LAYOUTS = ("qwen2_vl", "patches")
 
 
+def normalize_lut(
+    mean: tuple[float, float, float], std: tuple[float, float, float], rescale_factor: float = 1 / 255
+) -> torch.Tensor:
+    """float32 [3, 256]: entry [c, v] is uint8 level v of channel c rescaled and normalised with
+    transformers' numpy arithmetic (the PIL backends of its image processors): v * rescale_factor
+    in float64, rounded to float32, then (x - mean[c]) / std[c] in float32. A family whose
+    reference computes differently (torchvision's fused (v - mean / r) / (std / r)) builds its
+    own table; the kernels only look values up, so every convention stays bit-exact."""
+    levels = (torch.arange(256, dtype=torch.float64) * rescale_factor).to(torch.float32)
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1)
+    return ((levels.view(1, 256) - mean_t) / std_t).contiguous()
+
+
+def check_patchify_args(
+    pixels: torch.Tensor, lut: torch.Tensor, patch_size: int, merge_size: int, temporal_patch_size: int, layout: str
+) -> tuple[int, int, int]:
+    """Validates `normalize_patchify`'s inputs (shared by the Triton launcher); returns the
+    patch grid (grid_t, grid_h, grid_w) of the output rows."""
+    op = "normalize_patchify"
+    if layout not in PATCH_LAYOUTS:
+        raise ValueError(f"{op}: layout must be one of {PATCH_LAYOUTS}, got {layout!r}")
+    if layout == "patches" and (merge_size != 1 or temporal_patch_size != 1):
+        raise ValueError(f"{op}: layout 'patches' takes merge_size = temporal_patch_size = 1, "
+                         f"got {merge_size} and {temporal_patch_size}")
+    if pixels.dtype != torch.uint8 or pixels.dim() not in (3, 4) or pixels.shape[-1] != 3:
+        raise ValueError(f"{op}: pixels must be uint8 [H, W, 3] or [T, H, W, 3], got {pixels.dtype} "
+                         f"{tuple(pixels.shape)}")
+    if lut.dtype != torch.float32 or tuple(lut.shape) != (3, 256) or lut.device != pixels.device:
+        raise ValueError(f"{op}: lut must be float32 [3, 256] on the pixels' device ({pixels.device}), got "
+                         f"{lut.dtype} {tuple(lut.shape)} on {lut.device}; build it with normalize_lut")
+    if patch_size < 1 or merge_size < 1 or temporal_patch_size < 1:
+        raise ValueError(f"{op}: patch_size, merge_size and temporal_patch_size must be at least 1, got "
+                         f"{patch_size}, {merge_size}, {temporal_patch_size}")
+    h, w = pixels.shape[-3], pixels.shape[-2]
+    unit = patch_size * merge_size
+    if h % unit or w % unit or h == 0 or w == 0:
+        raise ValueError(
+            f"{op}: image {h}x{w} must be a non-empty multiple of patch_size * merge_size = {unit} on both "
+            "sides; resize it on the host first (e.g. Qwen2-VL's smart_resize)"
+        )
+    frames = pixels.shape[0] if pixels.dim() == 4 else temporal_patch_size
+    if frames == 0 or frames % temporal_patch_size:
+        raise ValueError(f"{op}: {frames} frames is not a positive multiple of temporal_patch_size = "
+                         f"{temporal_patch_size}; repeat the last frame up to one first")
+    return frames // temporal_patch_size, h // patch_size, w // patch_size
+
+
 def normalize_patchify(
-    image: torch.Tensor,
-    mean: tuple[float, float, float],
-    std: tuple[float, float, float],
+    pixels: torch.Tensor,
+    lut: torch.Tensor,
     patch_size: int,
     merge_size: int = 1,
     temporal_patch_size: int = 1,
     layout: str = "qwen2_vl",
     out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """uint8 image [H, W, 3] (already resized; H, W multiples of patch_size * merge_size) →
-    normalised patches: pixel / 255, then (x - mean[c]) / std[c], in float32.
+    """Resized uint8 pixels → normalised patch rows: pixel level v of channel c becomes lut[c, v]
+    (float32 [3, 256], e.g. from `normalize_lut`), then cast to out_dtype.
 
-    layout "qwen2_vl" (Qwen2-VL's image processor): [grid_h * grid_w, 3 * T * P * P], rows
-    in merge-window order (window row, window col, row in window, col in window), columns
-    (channel, temporal copy, patch row, patch col); the single image is repeated over the
-    T = temporal_patch_size frames. layout "patches": [grid_h * grid_w, 3 * P * P], rows
-    row-major over the patch grid, columns (channel, patch row, patch col) — a Conv2d patch
-    embedding's order; merge_size and temporal_patch_size must be 1."""
-    if layout not in PATCH_LAYOUTS:
-        raise ValueError(f"normalize_patchify: layout must be one of {PATCH_LAYOUTS}, got {layout!r}")
-    if layout == "patches" and (merge_size != 1 or temporal_patch_size != 1):
-        raise ValueError("normalize_patchify: layout 'patches' takes merge_size = temporal_patch_size = 1")
-    h, w, c = image.shape
-    p, m, t = patch_size, merge_size, temporal_patch_size
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=image.device).view(c, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32, device=image.device).view(c, 1, 1)
-    x = (image.permute(2, 0, 1).float() * (1.0 / 255.0) - mean_t) / std_t  # [C, H, W]
-    gh, gw = h // p, w // p
-    x = x.reshape(c, gh // m, m, p, gw // m, m, p).permute(1, 4, 2, 5, 0, 3, 6)  # [gh/m, gw/m, m, m, C, P, P]
-    x = x.unsqueeze(5).expand(*x.shape[:5], t, p, p)  # the temporal copies
-    return x.reshape(gh * gw, c * t * p * p).to(out_dtype)
+    pixels: one image [H, W, 3] (repeated over the temporal_patch_size frames of a patch) or
+    frames [T, H, W, 3] (T a multiple of temporal_patch_size, consecutive frames forming a
+    temporal patch); H, W multiples of patch_size * merge_size.
+
+    layout "qwen2_vl" (Qwen2-VL's processors): [grid_t * grid_h * grid_w, 3 * tp * P * P], rows
+    ordered (temporal patch, window row, window col, row in window, col in window), columns
+    (channel, frame in the temporal patch, patch row, patch col). layout "patches":
+    [grid_h * grid_w, 3 * P * P], rows row-major over the patch grid, columns (channel, patch
+    row, patch col) — a Conv2d patch embedding's order; merge_size = temporal_patch_size = 1.
+    The lookup is exact: for a table built with a family's own arithmetic, the output is bit
+    for bit that family's reference processor output."""
+    grid_t, gh, gw = check_patchify_args(pixels, lut, patch_size, merge_size, temporal_patch_size, layout)
+    p, m, tp, c = patch_size, merge_size, temporal_patch_size, 3
+    rows = grid_t * gh * gw
+    # An image is one frame repeated over the temporal patch: look it up once, copy tp times.
+    still = pixels.dim() == 3
+    src_t = 1 if still else tp
+    # Permute the uint8 pixels (a quarter of the bytes of float32) into the row layout
+    # [grid_t, gh/m, gw/m, m, m, C, src_t, P, P], then one gather through the flattened table
+    # (index = c * 256 + level, int32: index_select's fast path).
+    u = pixels.reshape(grid_t, src_t, gh // m, m, p, gw // m, m, p, c).permute(0, 2, 5, 3, 6, 8, 1, 4, 7)
+    idx = u.reshape(rows, c, src_t, p * p).to(torch.int32)
+    idx += torch.arange(0, 256 * c, 256, dtype=torch.int32, device=pixels.device).view(1, c, 1, 1)
+    x = lut.reshape(-1).index_select(0, idx.view(-1)).view(rows, c, src_t, p * p)
+    out = torch.empty((rows, c, tp, p * p), dtype=out_dtype, device=pixels.device)
+    out.copy_(x.expand(rows, c, tp, p * p))
+    return out.view(rows, c * tp * p * p)
 
 
 def cross_attention(

@@ -1,7 +1,7 @@
 """Media references → decoded media: the one entry point the API layer calls.
 
     loader = MediaLoader(MediaConfig(...))
-    image = await loader.load_image(url)    # PIL.Image.Image, mode "RGB"; raises MediaError
+    image = await loader.load_image(url)    # PIL.Image.Image, mode "RGB", read-only; raises MediaError
     video = await loader.load_video(url)    # VideoFrames; raises MediaError
 
 A reference is a `data:` URL (base64), an `http(s)://` URL (fetched by `fetch.py` behind the
@@ -9,6 +9,12 @@ SSRF guard of `ssrf.py`, time and byte capped) or a `file://` URL under
 `allowed_local_media_path`. Bytes are decoded by `decode.py` (images) and `video.py` (video)
 in a bounded thread pool, never on the event loop, and decoded results are cached by the
 content hash of the raw bytes (`hashing.py`).
+
+Decoded results are shared, not copied: the same bytes give every caller the same cached
+object (`Image.copy` of a 12 MP photo is ~36 MB and milliseconds per request). Callers treat
+images and frames as read-only: resize / convert / np.asarray (which return new objects) are
+fine; paste, putpixel, thumbnail, draw or any other in-place edit must work on their own
+`image.copy()`. The family processors only resize and convert.
 
 This module owns the public types (MediaError, MediaConfig, VideoFrames); the submodules
 import them from here, so MediaLoader imports the submodules when it is built, not at module
@@ -161,6 +167,7 @@ class MediaLoader:
         return self._decodes
 
     async def load_image(self, url: str) -> Image.Image:
+        """The decoded RGB image, shared with other callers of the same bytes: read-only."""
         raw = await self._fetcher.fetch(url, kind="image")
         return await self._run(self._image_job, raw)
 
@@ -183,9 +190,7 @@ class MediaLoader:
             with self._lock:
                 self._decodes += 1
                 self._cache.put(key, cached, self._decode.image_nbytes(cached))
-        # A copy per caller: processors may resize or paste in place, and the cached
-        # object must keep the decoded pixels.
-        return cached.copy()
+        return cached  # shared, read-only by contract (see the module docstring)
 
     def _video_job(self, raw: bytes) -> VideoFrames:
         key = "video:" + self._hashing.content_hash(raw)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from server.models.qwen2_vl.processor import qwen2_vl_pixel_values
 from server.engine.sampling_params import SamplingParams
 from tests.utils import image, make_llm, user
 
@@ -61,7 +62,7 @@ def hf_inputs(prompt):
         items = [it for it in prompt.mm_items if it.modality == modality]
         if not items:
             continue
-        kwargs["pixel_values" + prefix] = torch.cat([it.data["pixel_values"] for it in items])
+        kwargs["pixel_values" + prefix] = torch.cat([qwen2_vl_pixel_values(it) for it in items])
         kwargs[f"{modality}_grid_thw"] = torch.stack([torch.as_tensor(it.data["grid_thw"]) for it in items])
         for it in items:
             types[0, it.offset : it.offset + it.length] = code

@@ -153,9 +153,8 @@ async def test_same_bytes_are_decoded_once():
     first = await loader.load_image(url)
     second = await loader.load_image(url)
     assert (loader.decodes, loader.cache_misses, loader.cache_hits) == (1, 1, 1)
-    first.paste((255, 0, 0), (0, 0, 32, 32))  # callers get their own copy
-    assert second.getpixel((0, 0)) == (9, 9, 9)
-    assert (await loader.load_image(url)).getpixel((0, 0)) == (9, 9, 9)
+    # Shared, not copied per request (callers treat it as read-only).
+    assert second is first and first.getpixel((0, 0)) == (9, 9, 9)
 
 
 async def test_cache_disabled_decodes_every_time():

@@ -10,9 +10,12 @@ which is what `Qwen2VLImageProcessor` falls back to without torchvision):
      merge window: (t, h // merge, w // merge, merge_h, merge_w). One image is repeated to
      fill the temporal patch.
 
-Steps 3-4 are one lookup table per channel (256 entries computed with transformers' exact
-float arithmetic, so results are bit-identical) and one reshape/transpose: no per-patch loops.
-The uint8 frames after step 2 are also exposed (`resize`) for a GPU normalise+patchify path.
+Steps 1-2 run in the front end (`Qwen2VLProcessor`); steps 3-4 run where the vision tower
+runs (`Qwen2VLForConditionalGeneration.embed_multimodal`, through `kernels.normalize_patchify`):
+the request carries the resized uint8 pixels, a quarter of float32's bytes. Steps 3-4 are a
+lookup in one float32 [3, 256] table (`lut`, computed with transformers' exact float
+arithmetic, so results are bit-identical) and one permutation: no per-patch loops.
+`preprocess_image` runs all four steps on the CPU (transformers parity, benchmarks).
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+
+from kernels import reference
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -73,7 +78,10 @@ class Qwen2VLImageProcessor:
     image_std: tuple[float, float, float] = OPENAI_CLIP_STD
     rescale_factor: float = 1 / 255
     resample: int = int(Image.Resampling.BICUBIC)
-    _lut: np.ndarray = field(init=False, repr=False, compare=False)  # float32 [3, 256]
+    # float32 [3, 256], entry [c, v]: uint8 level v of channel c after steps 3 (the numpy array
+    # shares the tensor's memory; items carry the array: cheaper to pickle than a tensor).
+    lut: torch.Tensor = field(init=False, repr=False, compare=False)
+    lut_array: np.ndarray = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "image_mean", tuple(float(m) for m in self.image_mean))
@@ -90,10 +98,9 @@ class Qwen2VLImageProcessor:
             )
         # Same arithmetic as transformers: uint8 -> float64 * scale -> float32, then
         # (x - mean) / std in float32. Exact, so the table reproduces it bit for bit.
-        levels = (np.arange(256, dtype=np.float64) * self.rescale_factor).astype(np.float32)
-        mean = np.asarray(self.image_mean, dtype=np.float32)[:, None]
-        std = np.asarray(self.image_std, dtype=np.float32)[:, None]
-        object.__setattr__(self, "_lut", np.ascontiguousarray((levels[None, :] - mean) / std))
+        lut = reference.normalize_lut(self.image_mean, self.image_std, self.rescale_factor)
+        object.__setattr__(self, "lut", lut)
+        object.__setattr__(self, "lut_array", lut.numpy())
 
     @classmethod
     def from_preprocessor_config(
@@ -142,53 +149,35 @@ class Qwen2VLImageProcessor:
         h, w = size if size is not None else self.resized_size(image.height, image.width)
         return np.asarray(image.resize((w, h), resample=self.resample))
 
-    def normalize_patchify(self, frames: np.ndarray) -> tuple[torch.Tensor, tuple[int, int, int]]:
-        """uint8 frames [T, H, W, 3] (T a multiple of temporal_patch_size, H and W multiples of
-        `factor`) -> (float32 [grid_t * grid_h * grid_w, 3 * tp * p * p], (grid_t, grid_h, grid_w))."""
-        return lut_normalize_patchify(frames, self._lut, self.patch_size, self.temporal_patch_size, self.merge_size)
+    @property
+    def patchify(self) -> tuple[int, int, int]:
+        """(patch_size, merge_size, temporal_patch_size): the patch layout of the encoder input."""
+        return self.patch_size, self.merge_size, self.temporal_patch_size
+
+    def grid(self, pixels: np.ndarray) -> tuple[int, int, int]:
+        """(grid_t, grid_h, grid_w) of resized pixels [H, W, 3] (one temporal patch)."""
+        return 1, pixels.shape[-3] // self.patch_size, pixels.shape[-2] // self.patch_size
+
+    def normalize_patchify(self, pixels: np.ndarray) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """Resized uint8 pixels [H, W, 3] (H and W multiples of `factor`) -> (float32
+        [grid_h * grid_w, 3 * tp * p * p], (1, grid_h, grid_w)), on the CPU."""
+        values = reference.normalize_patchify(uint8_tensor(pixels), self.lut, *self.patchify)
+        return values, self.grid(pixels)
 
     def preprocess_image(self, image: Image.Image) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """RGB image -> (pixel_values float32 [grid_h * grid_w, 3 * tp * p * p], (1, grid_h, grid_w))."""
-        return self.normalize_patchify(self.image_frames(self.resize(image)))
-
-    def image_frames(self, pixels: np.ndarray) -> np.ndarray:
-        """uint8 [H, W, 3] -> [temporal_patch_size, H, W, 3]: an image is a still video."""
-        return np.broadcast_to(pixels[None], (self.temporal_patch_size, *pixels.shape))
+        return self.normalize_patchify(self.resize(image))
 
     def content_hash(self, pixels: np.ndarray, grid_thw: tuple[int, int, int], modality: str = "image") -> str:
         """sha256 (hex) of the resized uint8 pixels, their shape, the grid and every setting."""
         return pixels_hash(modality, pixels, grid_thw, self.settings_key())
 
 
-def lut_normalize_patchify(
-    frames: np.ndarray, lut: np.ndarray, patch_size: int, temporal_patch_size: int, merge_size: int
-) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    """uint8 frames [T, H, W, 3] -> (float32 rows [grid_t * grid_h * grid_w, 3 * tp * p * p],
-    (grid_t, grid_h, grid_w)). `lut` (float32 [3, 256]) maps each uint8 level of a channel to its
-    normalised value; T must be a multiple of tp, H and W multiples of p * merge."""
-    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
-        raise ValueError(f"expected uint8 frames [T, H, W, 3], got {frames.dtype} {frames.shape}")
-    t, h, w, c = frames.shape
-    tp, p, m = temporal_patch_size, patch_size, merge_size
-    if t % tp or h % (p * m) or w % (p * m):
-        raise ValueError(f"frames {frames.shape} must be T % {tp} == 0 and H, W multiples of {p * m}")
-    grid_t, grid_h, grid_w = t // tp, h // p, w // p
-    rows = grid_t * grid_h * grid_w
-    # An image is one frame repeated over the temporal patch: permute and look up that frame
-    # once and copy the result, instead of doing the work tp times.
-    still = t == tp and frames.strides[0] == 0
-    src, tps = (frames[:1], 1) if still else (frames, tp)
-    # Permute the uint8 pixels (a quarter of the bytes of float32) into the row layout
-    # (grid_t, h/m, w/m, merge_h, merge_w, C, tp, patch_h, patch_w), then one table lookup per
-    # channel writes the float32 rows directly.
-    u = src.reshape(grid_t, tps, grid_h // m, m, p, grid_w // m, m, p, c).transpose(0, 2, 5, 3, 6, 8, 1, 4, 7)
-    u = np.ascontiguousarray(u).reshape(rows, c, tps, p * p)
-    x = np.empty((rows, c, tp, p * p), dtype=np.float32)
-    for ch in range(c):
-        x[:, ch, :tps] = lut[ch][u[:, ch]]
-    if still:
-        x[:, :, 1:] = x[:, :, :1]
-    return torch.from_numpy(x.reshape(rows, c * tp * p * p)), (grid_t, grid_h, grid_w)
+def uint8_tensor(array: np.ndarray) -> torch.Tensor:
+    """A uint8 array as a CPU tensor, sharing its memory when it is writable. Arrays from PIL
+    (`np.asarray(image)`) and from unpickling are read-only, which torch.from_numpy warns
+    about: those are copied (a resized image is a few hundred KB)."""
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
 
 
 def pixels_hash(modality: str, pixels: np.ndarray, grid_thw: tuple[int, int, int], settings: str) -> str:

@@ -12,15 +12,18 @@ import logging
 import re
 from typing import Iterable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import kernels
 from server.models.interfaces import KVCacheSpec
 from server.models.layers.decoder import TextDecoder
 from server.models.layers.rotary import mrope_cos_sin, rope_inv_freq
 from server.models.layers.weights import IGNORED_SUFFIXES, WeightLoadTracker
 from server.models.qwen2_vl.config import Qwen2VLModelConfig
+from server.models.qwen2_vl.image_processor import uint8_tensor
 from server.models.qwen2_vl.vision import Qwen2VisionTransformer
 from server.multimodal.inputs import MultiModalItem
 from server.runner.forward_batch import ForwardBatch
@@ -50,6 +53,7 @@ class Qwen2VLForConditionalGeneration(nn.Module):
             c.num_key_value_heads, c.head_dim, c.rms_norm_eps, qkv_bias=True, dtype=dtype, device=meta,
         )
         self.lm_head: nn.Linear | None = None
+        self._luts: dict[bytes, torch.Tensor] = {}  # normalisation tables on the device, by content
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype, device=meta)
         self.to_empty(device=device)
@@ -64,31 +68,69 @@ class Qwen2VLForConditionalGeneration(nn.Module):
         return self.language_model.embed_tokens(input_ids)
 
     def embed_multimodal(self, items: list[MultiModalItem]) -> list[torch.Tensor]:
-        """All items (images and videos) in one vision batch; item i gets t*h*w / m^2 rows."""
+        """All items (images and videos) in one vision batch; item i gets t*h*w / m^2 rows.
+
+        Items carry resized uint8 pixels (see `processor.py`); they are uploaded as bytes and
+        normalised + patchified here, on the model's device, by `kernels.normalize_patchify`
+        (Triton on CUDA, the PyTorch reference elsewhere), straight into the tower's dtype."""
         if not items:
             return []
-        pixels, grids = [], []
+        rows, grids = [], []
         for item in items:
-            if "pixel_values" not in item.data or "grid_thw" not in item.data:
-                raise ValueError(
-                    f"{item.modality} item {item.content_hash[:16]}: data must hold 'pixel_values' and 'grid_thw' "
-                    f"(the Qwen2-VL processor's output), got keys {sorted(item.data)}"
-                )
-            grid = torch.as_tensor(item.data["grid_thw"]).reshape(-1).tolist()
-            if len(grid) != 3:
-                raise ValueError(f"grid_thw must hold 3 values (t, h, w), got {grid}")
-            t, h, w = (int(g) for g in grid)
-            pv = torch.as_tensor(item.data["pixel_values"])
-            if pv.dim() != 2 or pv.shape[0] != t * h * w:
-                raise ValueError(
-                    f"{item.modality} item {item.content_hash[:16]}: pixel_values must have t*h*w = {t * h * w} "
-                    f"rows for grid_thw {grid}, got shape {tuple(pv.shape)}"
-                )
-            grids.append((t, h, w))
-            pixels.append(pv)
-        merged = self.visual(torch.cat(pixels).to(self.device), grids)
+            pixels, lut, grid = self._vision_input(item)
+            rows.append(kernels.normalize_patchify(pixels, lut, *self._patchify, "qwen2_vl", self.visual.dtype))
+            grids.append(grid)
+        merged = self.visual(torch.cat(rows), grids)
         m2 = self.config.vision.spatial_merge_size**2
         return list(merged.split([t * h * w // m2 for t, h, w in grids]))
+
+    @property
+    def _patchify(self) -> tuple[int, int, int]:
+        v = self.config.vision
+        return v.patch_size, v.spatial_merge_size, v.temporal_patch_size
+
+    def _vision_input(self, item: MultiModalItem) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int, int]]:
+        """Checks one item's data against this tower; returns (uint8 pixels and float32 [3, 256]
+        table, both on the device, and the grid)."""
+        data, what = item.data, f"{item.modality} item {item.content_hash[:16]}"
+        if not {"pixels", "grid_thw", "lut", "patchify"} <= set(data):
+            raise ValueError(
+                f"{what}: data must hold 'pixels', 'grid_thw', 'lut' and 'patchify' (the Qwen2-VL processor's "
+                f"output), got keys {sorted(data)}"
+            )
+        if tuple(data["patchify"]) != self._patchify:
+            raise ValueError(
+                f"{what}: patchified as (patch, merge, temporal) = {tuple(data['patchify'])} but the vision tower "
+                f"takes {self._patchify}; the processor and model configs do not match"
+            )
+        grid = tuple(int(g) for g in data["grid_thw"])
+        if len(grid) != 3:
+            raise ValueError(f"{what}: grid_thw must hold 3 values (t, h, w), got {list(grid)}")
+        pixels = np.asarray(data["pixels"])
+        p, _, tp = self._patchify
+        # An image is [H, W, 3] (one temporal patch); a video [grid_t * tp, H, W, 3].
+        frames = grid[0] * tp if pixels.ndim == 4 else None
+        expected = (*(() if frames is None else (frames,)), grid[1] * p, grid[2] * p, 3)
+        if pixels.dtype != np.uint8 or pixels.shape != expected or (frames is None and grid[0] != 1):
+            raise ValueError(
+                f"{what}: pixels must be uint8 {list(expected)} for grid_thw {grid}, got {pixels.dtype} "
+                f"{list(pixels.shape)}"
+            )
+        device = self.device
+        return uint8_tensor(pixels).to(device), self._lut_on_device(np.asarray(data["lut"])), grid
+
+    def _lut_on_device(self, lut: np.ndarray) -> torch.Tensor:
+        """The item's table on the device, cached by content (a processor has one table per
+        modality; every request's copy of it is equal)."""
+        if lut.dtype != np.float32 or lut.shape != (3, 256):
+            raise ValueError(f"lut must be float32 [3, 256], got {lut.dtype} {list(lut.shape)}")
+        key = lut.tobytes()
+        cached = self._luts.get(key)
+        if cached is None:
+            if len(self._luts) >= 8:
+                self._luts.clear()
+            cached = self._luts[key] = torch.from_numpy(lut.copy()).to(self.device)
+        return cached
 
     def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """inputs_embeds [T, hidden]; positions int64 [3, T] (M-RoPE t/h/w) or [T] (text

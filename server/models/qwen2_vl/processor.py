@@ -10,6 +10,19 @@ Reproduces transformers' `Qwen2VLProcessor` + `Qwen2VLModel.get_rope_index` (5.2
   resumes at start + max(merged rows, merged cols). A token generated at sequence index i then
   has position i + mrope_delta on every axis (mrope_delta = max position + 1 - L).
 CPU only; runs off the event loop (called through `AsyncEngine.render_chat`).
+
+An item's `data` (pickled to the engine process: numpy arrays and plain tuples, which pickle
+in microseconds, where a torch tensor costs a few hundred):
+  "pixels":   uint8 [H, W, 3] for an image (its temporal patch repeats it), uint8
+              [grid_t * tp, H, W, 3] for a video (resized, last frame repeated up to a multiple
+              of tp); H = grid_h * patch_size, W = grid_w * patch_size;
+  "grid_thw": (grid_t, grid_h, grid_w) ints;
+  "lut":      float32 [3, 256], the rescale + normalise table of the item's processor (images
+              and videos round differently; the model does not know the processor settings);
+  "patchify": (patch_size, merge_size, temporal_patch_size).
+The model normalises and patchifies on its device (`kernels.normalize_patchify`);
+`qwen2_vl_pixel_values(item)` gives the same float rows on the CPU (transformers' inputs).
+Read-only: several requests may share one item's arrays.
 """
 
 from __future__ import annotations
@@ -22,7 +35,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from server.models.qwen2_vl.image_processor import Qwen2VLImageProcessor
+from kernels import reference
+from server.models.qwen2_vl.image_processor import Qwen2VLImageProcessor, uint8_tensor
 from server.models.qwen2_vl.video_processor import Qwen2VLVideoProcessor, read_video_preprocessor_config
 from server.models.tokenizer import encode_prompt, load_tokenizer, render_chat
 from server.multimodal.inputs import MultiModalItem, ProcessedPrompt
@@ -76,6 +90,15 @@ def mrope_positions(
     positions[:, cursor:] = np.arange(next_pos, next_pos + total - cursor)
     delta = int(positions.max()) + 1 - total if total else 0
     return positions, delta
+
+
+def qwen2_vl_pixel_values(item: MultiModalItem) -> torch.Tensor:
+    """float32 [grid_t * grid_h * grid_w, 3 * tp * p * p]: the normalised patch rows of one item,
+    computed on the CPU as `embed_multimodal` computes them on its device. Bit-identical to
+    transformers' `pixel_values` (images) / `pixel_values_videos` (videos) rows for the item."""
+    data = item.data
+    lut = torch.from_numpy(data["lut"] if data["lut"].flags.writeable else data["lut"].copy())
+    return reference.normalize_patchify(uint8_tensor(data["pixels"]), lut, *data["patchify"])
 
 
 def _check_count(modality: str, placeholders: int, given: int) -> None:
@@ -193,7 +216,7 @@ class Qwen2VLProcessor:
                 item = self._video_item(*next(video_iter), offset=len(prompt_ids))
             prompt_ids.extend([int(ids[placeholder])] * item.length)
             items.append(item)
-            spans.append((item.offset, item.length, tuple(item.data["grid_thw"].tolist())))
+            spans.append((item.offset, item.length, item.data["grid_thw"]))
             cursor = placeholder + 1
         prompt_ids.extend(ids[cursor:].tolist())
         positions, delta = mrope_positions(prompt_ids, spans, self.image_processor.merge_size)
@@ -209,14 +232,14 @@ class Qwen2VLProcessor:
         ip = self.image_processor
         if image.mode != "RGB":
             image = image.convert("RGB")
-        pixels = ip.resize(image)  # uint8 [H', W', 3]
-        pixel_values, grid = ip.normalize_patchify(ip.image_frames(pixels))
+        pixels = ip.resize(image)  # uint8 [H', W', 3]; a new array, never the caller's image
+        grid = ip.grid(pixels)
         return MultiModalItem(
             modality="image",
             content_hash=ip.content_hash(pixels, grid, "image"),
             offset=offset,
             length=grid[0] * grid[1] * grid[2] // ip.merge_size**2,
-            data={"pixel_values": pixel_values, "grid_thw": torch.tensor(grid, dtype=torch.long)},
+            data={"pixels": pixels, "grid_thw": grid, "lut": ip.lut_array, "patchify": ip.patchify},
         )
 
     def _video_item(self, index: int, video: Any, offset: int) -> MultiModalItem:
@@ -230,14 +253,16 @@ class Qwen2VLProcessor:
         frames = np.asarray(frames)
         if frames.ndim != 4 or frames.shape[0] == 0:
             raise ValueError(f"video {index} has no frames (shape {frames.shape}); send a clip with at least one frame")
-        resized = vp.resize(frames)  # uint8 [N, H', W', 3]
-        pixel_values, grid = vp.normalize_patchify(resized)
+        resized = vp.resize(frames)  # uint8 [N, H', W', 3]; may be the (read-only) input itself
+        padded = vp.pad_frames(resized)  # [grid_t * tp, H', W', 3]
+        grid = vp.grid(padded)
         return MultiModalItem(
             modality="video",
+            # Over the unpadded frames, as before: padding is a function of them.
             content_hash=vp.content_hash(resized, grid),
             offset=offset,
             length=grid[0] * grid[1] * grid[2] // vp.merge_size**2,
-            data={"pixel_values": pixel_values, "grid_thw": torch.tensor(grid, dtype=torch.long)},
+            data={"pixels": padded, "grid_thw": grid, "lut": vp.lut_array, "patchify": vp.patchify},
         )
 
     def render_completion(self, prompt: str | list[int]) -> ProcessedPrompt:

@@ -12,10 +12,12 @@ CPU, as transformers does by default). For one clip of uint8 frames [N, H, W, 3]
      `resize` runs for a uint8 CPU tensor. It is not PIL's resize (the image path): the two
      differ by 1-2 levels on under 1% of pixels, in transformers as here;
   3. rescale and normalise fused as torchvision does, (x - 255 * mean) / (255 * std) in
-     float32, via a 256-entry table per channel (bit-identical);
+     float32, via a 256-entry table per channel (`lut`, bit-identical);
   4. the last frame repeated up to a multiple of temporal_patch_size, then the image path's
      patch layout: rows [grid_t * grid_h * grid_w, 3 * tp * p * p] ordered
      (t, h // merge, w // merge, merge_h, merge_w).
+Steps 1, 2 and the padding of 4 run in the front end; the table lookup and the patch layout
+run with the vision tower (`kernels.normalize_patchify`), as for images.
 Frame sampling (fps, frame caps) happens before this, in `server.multimodal.video`.
 """
 
@@ -31,12 +33,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from kernels import reference
 from server.models.qwen2_vl.image_processor import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
-    lut_normalize_patchify,
     pixels_hash,
     smart_resize,
+    uint8_tensor,
 )
 
 # transformers' class defaults for Qwen2-VL video (Qwen2VLVideoProcessor.size).
@@ -79,7 +82,10 @@ class Qwen2VLVideoProcessor:
     resample: int = int(Image.Resampling.BICUBIC)
     cap_pixels_per_frame: bool = False  # transformers 5.24's default (None -> False, with a warning)
     max_video_tokens: int = 128000
-    _lut: np.ndarray = field(init=False, repr=False, compare=False)  # float32 [3, 256]
+    # float32 [3, 256], entry [c, v]: uint8 level v of channel c after step 3; the array shares
+    # the tensor's memory.
+    lut: torch.Tensor = field(init=False, repr=False, compare=False)
+    lut_array: np.ndarray = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "image_mean", tuple(float(m) for m in self.image_mean))
@@ -101,7 +107,9 @@ class Qwen2VLVideoProcessor:
         mean = (np.asarray(self.image_mean, dtype=np.float32) * scale)[:, None]
         std = (np.asarray(self.image_std, dtype=np.float32) * scale)[:, None]
         levels = np.arange(256, dtype=np.float32)[None, :]
-        object.__setattr__(self, "_lut", np.ascontiguousarray((levels - mean) / std))
+        lut = np.ascontiguousarray((levels - mean) / std)
+        object.__setattr__(self, "lut_array", lut)
+        object.__setattr__(self, "lut", torch.from_numpy(lut))
 
     @classmethod
     def from_config(cls, config: dict[str, Any], overrides: dict[str, Any] | None = None) -> "Qwen2VLVideoProcessor":
@@ -173,12 +181,21 @@ class Qwen2VLVideoProcessor:
             return frames
         return np.concatenate([frames, np.repeat(frames[-1:], pad, axis=0)])
 
+    @property
+    def patchify(self) -> tuple[int, int, int]:
+        """(patch_size, merge_size, temporal_patch_size): the patch layout of the encoder input."""
+        return self.patch_size, self.merge_size, self.temporal_patch_size
+
+    def grid(self, padded: np.ndarray) -> tuple[int, int, int]:
+        """(grid_t, grid_h, grid_w) of resized, padded frames [T, H, W, 3]."""
+        t, h, w, _ = padded.shape
+        return t // self.temporal_patch_size, h // self.patch_size, w // self.patch_size
+
     def normalize_patchify(self, frames: np.ndarray) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """Resized uint8 frames [N, H', W', 3] -> (float32 [grid_t * grid_h * grid_w, 3 * tp * p * p],
-        (grid_t, grid_h, grid_w)), N padded to a multiple of tp first."""
-        return lut_normalize_patchify(
-            self.pad_frames(frames), self._lut, self.patch_size, self.temporal_patch_size, self.merge_size
-        )
+        (grid_t, grid_h, grid_w)), N padded to a multiple of tp first; on the CPU."""
+        padded = self.pad_frames(frames)
+        return reference.normalize_patchify(uint8_tensor(padded), self.lut, *self.patchify), self.grid(padded)
 
     def preprocess(self, frames: np.ndarray) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """uint8 frames [N, H, W, 3] of one clip -> (pixel_values, (grid_t, grid_h, grid_w)), the

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import pytest
 import torch
 from transformers import GenerationConfig
@@ -17,7 +18,10 @@ from transformers import Qwen2VLForConditionalGeneration as HFQwen2VL
 import kernels
 from server.models.loader import load_model
 from server.models.qwen2_vl.config import Qwen2VLModelConfig
+from server.models.qwen2_vl.image_processor import Qwen2VLImageProcessor
 from server.models.qwen2_vl.model import Qwen2VLForConditionalGeneration
+from server.models.qwen2_vl.processor import qwen2_vl_pixel_values
+from server.models.qwen2_vl.video_processor import Qwen2VLVideoProcessor
 from server.models.qwen2_vl.tiny import make_tiny_qwen2_vl
 from server.multimodal.inputs import MultiModalItem
 from server.runner.forward_batch import ForwardBatch
@@ -25,7 +29,8 @@ from server.runner.forward_batch import ForwardBatch
 ATOL, RTOL = 5e-5, 1e-5
 BLOCK_SIZE = 4
 NUM_BLOCKS = 96
-PATCH_DIM = 3 * 2 * 14 * 14  # C * temporal_patch * patch * patch, both tiny checkpoints
+PATCH = 14  # both tiny checkpoints: patch 14, merge 2, temporal patch 2
+LUTS = {"image": Qwen2VLImageProcessor().lut_array, "video": Qwen2VLVideoProcessor().lut_array}
 
 
 @pytest.fixture(scope="module", params=["transformers_saved", "tiny_published"])
@@ -51,7 +56,8 @@ class Prompt:
 
 
 def build_prompt(cfg: Qwen2VLModelConfig, segments: list, seed: int) -> Prompt:
-    """segments: an int n (n random text tokens) or ("image" | "video", (t, h, w))."""
+    """segments: an int n (n random text tokens) or ("image" | "video", (t, h, w)). Items carry
+    random uint8 pixels, as the processor builds them; transformers gets their float rows."""
     gen = torch.Generator().manual_seed(seed)
     prompt = Prompt(ids=[], token_types=[])
     pixels: dict[str, list[torch.Tensor]] = {"image": [], "video": []}
@@ -64,18 +70,19 @@ def build_prompt(cfg: Qwen2VLModelConfig, segments: list, seed: int) -> Prompt:
         modality, (t, h, w) = seg
         n = t * h * w // cfg.vision.spatial_merge_size**2
         pad = cfg.image_token_id if modality == "image" else cfg.video_token_id
-        pv = torch.randn(t * h * w, PATCH_DIM, generator=gen)
+        shape = (h * PATCH, w * PATCH, 3) if modality == "image" else (t * 2, h * PATCH, w * PATCH, 3)
+        uint8 = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen).numpy()
         prompt.ids.append(cfg.vision_start_token_id)
         prompt.token_types.append(0)
-        prompt.items.append(
-            MultiModalItem(
-                modality=modality,
-                content_hash=f"{modality}-{seed}-{len(prompt.items)}",
-                offset=len(prompt.ids),
-                length=n,
-                data={"pixel_values": pv, "grid_thw": torch.tensor([t, h, w])},
-            )
+        item = MultiModalItem(
+            modality=modality,
+            content_hash=f"{modality}-{seed}-{len(prompt.items)}",
+            offset=len(prompt.ids),
+            length=n,
+            data={"pixels": uint8, "grid_thw": (t, h, w), "lut": LUTS[modality], "patchify": (PATCH, 2, 2)},
         )
+        prompt.items.append(item)
+        pv = qwen2_vl_pixel_values(item)
         prompt.ids += [pad] * n + [cfg.vision_end_token_id]
         prompt.token_types += [1 if modality == "image" else 2] * n + [0]
         pixels[modality].append(pv)
@@ -268,3 +275,21 @@ def test_requests_batched_together_give_the_same_logits_as_alone(models) -> None
         ours, PagedKV(ours), [("a", 0, torch.cat([a_emb, a_dec_emb]), torch.cat([a_pos, a_dec_pos], dim=1))]
     )
     torch.testing.assert_close(a_decode[0], a_full[-1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"pixels": np.zeros((28, 56, 3), np.uint8)}, "pixels must be uint8 \\[56, 84, 3\\] for grid_thw \\(1, 4, 6\\)"),
+        ({"pixels": np.zeros((56, 84, 3), np.float32)}, "pixels must be uint8"),
+        ({"grid_thw": (2, 4, 6)}, "pixels must be uint8 \\[4, 56, 84, 3\\]|pixels must be uint8 \\[56, 84, 3\\]"),
+        ({"patchify": (16, 2, 2)}, "the processor and model configs do not match"),
+        ({"lut": np.zeros((3, 255), np.float32)}, "lut must be float32 \\[3, 256\\]"),
+    ],
+)
+def test_embed_multimodal_explains_inconsistent_items(models, change, message) -> None:
+    ours, _ = models
+    (item,) = build_prompt(ours.config, [1, ("image", (1, 4, 6))], seed=4).items
+    item.data.update(change)
+    with pytest.raises(ValueError, match=message):
+        ours.embed_multimodal([item])

@@ -8,6 +8,7 @@ real class (the image processor is `Qwen2VLImageProcessorPil`, see test_image_pr
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 import warnings
 from pathlib import Path
@@ -20,7 +21,8 @@ from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor as HFQwen2VLProcessor
 
-from server.models.qwen2_vl.processor import Qwen2VLProcessor, mrope_positions
+from server.models.qwen2_vl.image_processor import pixels_hash
+from server.models.qwen2_vl.processor import Qwen2VLProcessor, mrope_positions, qwen2_vl_pixel_values
 from server.models.qwen2_vl.tiny import make_tiny_qwen2_vl
 
 
@@ -124,14 +126,14 @@ def test_prompt_ids_pixels_and_mrope_positions_match_transformers(case: str, our
 
     assert len(got.mm_items) == len(images)
     if images:
-        ours_pixels = torch.cat([item.data["pixel_values"] for item in got.mm_items])
-        assert (ours_pixels - expected["pixel_values"]).abs().max().item() <= 1e-5
-        assert torch.equal(torch.stack([item.data["grid_thw"] for item in got.mm_items]), grids)
+        ours_pixels = torch.cat([qwen2_vl_pixel_values(item) for item in got.mm_items])
+        assert torch.equal(ours_pixels, expected["pixel_values"])
+        assert torch.equal(torch.tensor([item.data["grid_thw"] for item in got.mm_items]), grids)
     is_image = expected["input_ids"][0] == ours.image_token_id
     covered = torch.zeros_like(is_image)
     for item in got.mm_items:
         assert item.modality == "image"
-        assert item.length == item.data["grid_thw"].prod().item() // 4
+        assert item.length == np.prod(item.data["grid_thw"]) // 4
         covered[item.offset : item.offset + item.length] = True
     assert torch.equal(covered, is_image)
 
@@ -154,6 +156,26 @@ def test_content_hash_tracks_pixels_and_processor_settings(tiny_dir: Path, hf_co
     assert item.content_hash != first
     assert item.length <= 4
     assert len(first) == 64 and int(first, 16) >= 0  # sha256 hex
+
+
+def test_image_item_carries_resized_uint8_pixels_and_leaves_the_shared_image_untouched(ours) -> None:
+    conversation, _ = CASES["one_image"]
+    img = image(90, 120, 0)
+    before = img.tobytes()
+    (item,) = ours.render_chat(conversation, [img]).mm_items
+    assert img.tobytes() == before  # decoded images are shared by the media cache: read-only
+    ip = ours.image_processor
+    pixels = item.data["pixels"]
+    assert pixels.dtype == np.uint8 and pixels.shape == (*ip.resized_size(90, 120), 3)
+    assert np.array_equal(pixels, ip.resize(img))
+    grid = item.data["grid_thw"]
+    assert grid == ip.grid(pixels) and item.data["patchify"] == (14, 2, 2)
+    # The hash is over the resized uint8 pixels, the grid and the settings, as before.
+    assert item.content_hash == pixels_hash("image", pixels, grid, ip.settings_key())
+    # uint8 (1/4 of float32) of one frame (the float rows repeat it over the temporal patch of 2).
+    float_bytes = qwen2_vl_pixel_values(item).numel() * 4
+    assert len(pickle.dumps(item.data, protocol=pickle.HIGHEST_PROTOCOL)) < float_bytes / 6
+    assert torch.equal(qwen2_vl_pixel_values(item), ip.preprocess_image(img)[0])
 
 
 def test_mrope_after_an_image_resumes_past_its_largest_position() -> None:
@@ -231,5 +253,5 @@ def test_image_settings_nested_in_processor_config_win_as_in_transformers(tiny_d
     img = image(448, 448, seed=3)
     prompt = ours_v5.render_chat([{"role": "user", "content": [{"type": "image"}]}], [img])
     expected_grid = reference(images=img, return_tensors="pt")["image_grid_thw"][0].tolist()
-    assert prompt.mm_items[0].data["grid_thw"].tolist() == expected_grid == [1, 16, 16]
+    assert list(prompt.mm_items[0].data["grid_thw"]) == expected_grid == [1, 16, 16]
     assert prompt.mm_items[0].length == 64
