@@ -86,12 +86,16 @@ def decode_image(raw: bytes, max_pixels: int) -> Image.Image:
 
 
 def _upright(img: Image.Image) -> Image.Image:
-    """Applies the EXIF orientation tag. A malformed EXIF block keeps the image as stored
-    rather than failing the request: the pixels are fine."""
+    """Applies the EXIF orientation tag to `img` (a decoded image of our own) and returns it.
+    A malformed EXIF block keeps the image as stored rather than failing the request: the
+    pixels are fine."""
     try:
-        return ImageOps.exif_transpose(img)
+        # In place: without an orientation tag (nearly every image) the default form returns
+        # a full copy of the pixels.
+        ImageOps.exif_transpose(img, in_place=True)
     except (SyntaxError, ValueError, TypeError, KeyError, OSError):
-        return img
+        pass
+    return img
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
