@@ -57,7 +57,7 @@ ENGINE_FLAGS = (
 
 SERVER_FLAGS = (
     "host", "port", "served_model_name", "api_key", "max_request_body_bytes", "limit_mm_per_prompt",
-    "max_pending_requests",
+    "max_pending_requests", "drain_seconds",
 )  # fmt: skip
 MEDIA_FLAGS = (
     "max_image_pixels", "max_media_bytes", "max_video_bytes", "image_timeout_s", "video_timeout_s",
@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-request-body-bytes", type=int)
     s.add_argument("--max-pending-requests", type=int,
                    help="requests in flight past which new ones get 503 + Retry-After (default 4096)")
+    s.add_argument("--drain-seconds", type=float,
+                   help="on SIGTERM, serve this long with /ready at 503 before closing the listener (default 0)")
     s.add_argument("--engine-mode", choices=["process", "thread"],
                    help="run the engine step loop in its own process (default) or on a thread of this one")
     s.add_argument("--limit-mm-per-prompt", help="most media items per request (default image=32,video=2), e.g. image=64")

@@ -73,6 +73,10 @@ class ServerConfig:
     # before the prompt's length is known, so an unbounded count is a memory attack.
     limit_mm_per_prompt: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_MM_LIMITS))
     log_level: str = "info"
+    # On SIGTERM, keep serving this many seconds with /ready answering 503, so a load
+    # balancer (Kubernetes endpoints) stops routing here before the listener closes; then
+    # stop accepting and finish the requests in flight. 0: stop accepting at once.
+    drain_seconds: float = 0.0
 
 
 @dataclass(frozen=True)

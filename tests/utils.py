@@ -51,9 +51,9 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def launch_server(model_dir: Path, workdir: Path, *extra_args: str, env: dict | None = None):
+def launch_server(model_dir: Path, workdir: Path, *extra_args: str, env: dict | None = None, procs: list | None = None):
     """`vlmserve serve` in a subprocess on a free loopback port; yields its base URL once
-    /health answers 200, and stops it afterwards."""
+    /health answers 200, and stops it afterwards. `procs`, if given, receives the Popen."""
     port = _free_port()
     log = workdir / "server.log"
     full_env = dict(os.environ, VLMSERVE_CACHE=str(workdir / "cache"), **(env or {}))
@@ -61,6 +61,8 @@ def launch_server(model_dir: Path, workdir: Path, *extra_args: str, env: dict | 
             "--served-model-name", "tiny", "--num-kv-blocks", "256", "--max-model-len", "2048", *extra_args]
     with open(log, "w") as fh:
         proc = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, env=full_env)
+    if procs is not None:
+        procs.append(proc)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120

@@ -1,8 +1,8 @@
 """Run the HTTP server: build the engine (its core in a child process or on a thread, per
 `engine_mode`), wait until the core serves, then serve the app with uvicorn.
 
-The core is stopped on every way out of `run_server`: uvicorn's SIGTERM/SIGINT shutdown, an
-error, or a failed start. If this process is killed outright, the engine-core process sees
+The core is stopped on every way out of `run_server`: uvicorn's SIGTERM/SIGINT shutdown (after
+`--drain-seconds` of serving with /ready at 503, when set), an error, or a failed start. If this process is killed outright, the engine-core process sees
 its pipe close and exits by itself.
 """
 
@@ -28,6 +28,35 @@ def _ignore_signal(signum: int, frame: object) -> None:
     logger.info("stopping (%s)", signal.Signals(signum).name)
 
 
+class _DrainingServer(uvicorn.Server):
+    """uvicorn, with a drain window before its shutdown: the first SIGTERM/SIGINT marks the
+    engine draining (/ready answers 503, requests are still served) and starts uvicorn's
+    graceful shutdown `drain_seconds` later; a second signal stops at once."""
+
+    def __init__(self, config: uvicorn.Config, engine: AsyncEngine, drain_seconds: float) -> None:
+        super().__init__(config)
+        self._engine = engine
+        self._drain_seconds = drain_seconds
+        self._drain_loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets=None) -> None:
+        self._drain_loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame) -> None:
+        if self._drain_seconds <= 0 or self._engine.draining or self._drain_loop is None:
+            super().handle_exit(sig, frame)
+            return
+        self._engine.start_draining()
+        logger.info("draining for %.1f s (/ready answers 503), then stopping (%s)",
+                    self._drain_seconds, signal.Signals(sig).name)
+        # A signal handler may only hand work to the loop: call_soon_threadsafe is the one
+        # loop method safe from it (it writes the loop's self-pipe).
+        self._drain_loop.call_soon_threadsafe(
+            self._drain_loop.call_later, self._drain_seconds, super().handle_exit, sig, None
+        )
+
+
 async def run_server(config: Config) -> None:
     core, frontend = await asyncio.to_thread(build_core_client, config.engine)
     name = config.server.served_model_name or frontend.default_model_name
@@ -37,8 +66,10 @@ async def run_server(config: Config) -> None:
     try:
         await engine.start()
         app = create_app(engine, config.server, media)
-        server = uvicorn.Server(
-            uvicorn.Config(app, host=config.server.host, port=config.server.port, log_level=config.server.log_level)
+        server = _DrainingServer(
+            uvicorn.Config(app, host=config.server.host, port=config.server.port, log_level=config.server.log_level),
+            engine,
+            config.server.drain_seconds,
         )
         where = f"process, pid {core.pid}" if isinstance(core, ProcessCoreClient) else "thread"
         logger.info("serving %s on http://%s:%d (engine core: %s)", name, config.server.host, config.server.port, where)

@@ -100,7 +100,12 @@ class AsyncEngine:
         return self.is_healthy() and not self._draining
 
     def start_draining(self) -> None:
+        """From now on /ready answers 503; requests are still accepted and served."""
         self._draining = True
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
 
     def snapshot(self) -> dict[str, float]:
         snap = dict(self.stats)

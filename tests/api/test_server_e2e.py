@@ -135,6 +135,29 @@ def test_sigterm_stops_the_engine_process(tiny_ckpt, tmp_path):
     assert wait_process_exited(engine_pid, 5), "the engine process outlived the server"
 
 
+def test_sigterm_with_drain_seconds_fails_readiness_but_keeps_serving_then_exits(tiny_ckpt, tmp_path):
+    procs = []
+    with launch_server(tiny_ckpt, tmp_path, "--drain-seconds", "4", procs=procs) as base:
+        (proc,) = procs
+        assert httpx.get(base + "/ready").status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        deadline = t0 + 3
+        while httpx.get(base + "/ready").status_code != 503:
+            assert time.monotonic() < deadline, "/ready still 200 after SIGTERM"
+            time.sleep(0.05)
+        # Draining: readiness fails, liveness holds, and requests are still served.
+        assert httpx.get(base + "/health").status_code == 200
+        r = httpx.post(base + "/v1/chat/completions", timeout=30, json={
+            "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
+        assert time.monotonic() - t0 < 4, "the request took the whole drain window: nothing was proven"
+        proc.wait(30)
+        assert proc.returncode is not None and time.monotonic() - t0 >= 3.5
+    log = (tmp_path / "server.log").read_text()
+    assert "draining for 4.0 s" in log
+
+
 def test_serve_exits_with_the_engine_processs_error_when_it_cannot_start(tiny_ckpt, tmp_path):
     args = [sys.executable, "-m", "server.cli", "serve", "--model", str(tiny_ckpt), "--port", "1",
             "--kv-cache-memory-gb", "1e-7"]
