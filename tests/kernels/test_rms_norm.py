@@ -19,6 +19,16 @@ def test_rms_norm_matches_reference(rows, hidden, dtype, device, tol, poisoned):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_eps_counts_where_activations_are_small(dtype, device, tol, poisoned):
+    # Mean square ~1e-4 against eps 1e-4: a kernel that drops, doubles or misplaces eps is
+    # off by tens of percent here (at unit scale eps hides under the tolerance).
+    x = torch.randn(9, 128, dtype=dtype, device=device) * 1e-2
+    w = torch.rand(128, dtype=dtype, device=device) + 0.5
+    out = poisoned((9, 128), dtype, device)
+    torch.testing.assert_close(rms_norm(x, w, 1e-4, out=out), reference.rms_norm(x, w, 1e-4), **tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_rms_norm_fused_residual_returns_normed_sum_and_sum(dtype, device, tol, poisoned):
     # 3-D input with a strided row layout: a slice of a wider buffer.
     base = torch.randn(2, 5, 160, dtype=dtype, device=device)
