@@ -102,6 +102,9 @@ def validation_error(exc: RequestValidationError) -> APIError:
     if first.get("type") == "json_invalid":
         detail = (first.get("ctx") or {}).get("error", "malformed JSON")
         return APIError(f"request body is not valid JSON: {detail}", 400, code="invalid_json")
+    if first.get("type") == "missing" and tuple(first.get("loc", ())) in ((), ("body",)):
+        return APIError("request body is empty; send a JSON object with Content-Type: application/json", 400,
+                        code="invalid_json")
     if first.get("type") == "model_attributes_type" and tuple(first.get("loc", ())) in ((), ("body",)):
         return APIError("request body must be a JSON object sent with Content-Type: application/json", 422)
     # A union reports one error per alternative: the deepest path is the most specific one,
@@ -129,12 +132,30 @@ async def _media_handler(_: Request, exc: Exception) -> JSONResponse:
     return error_response(APIError(str(exc), exc.status_code, param=exc.param))
 
 
-async def _http_handler(_: Request, exc: Exception) -> JSONResponse:
+def _body_parse_error(cause: BaseException) -> APIError:
+    """FastAPI answers any failure to read the body as JSON other than a syntax error with a
+    bare "There was an error parsing the body"; say which failure it was."""
+    if isinstance(cause, UnicodeDecodeError):
+        why = f"is not valid UTF-8 ({cause.reason} at byte {cause.start})"
+    elif isinstance(cause, RecursionError):
+        why = "nests arrays or objects too deeply to parse"
+    else:
+        why = f"could not be parsed ({type(cause).__name__})"
+    return APIError(f"request body {why}; send a JSON object encoded as UTF-8 (no Content-Encoding)", 400,
+                    code="invalid_json")
+
+
+async def _http_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+    headers = dict(exc.headers) if exc.headers else None
+    if exc.status_code == 400 and exc.__cause__ is not None:
+        return error_response(_body_parse_error(exc.__cause__))
     if exc.status_code == 404:
         message = "no such route; this server serves /v1/chat/completions, /v1/completions, /v1/models, /health"
-    headers = dict(exc.headers) if exc.headers else None
+    if exc.status_code == 405:
+        allowed = (headers or {}).get("allow") or (headers or {}).get("Allow") or "another method"
+        message = f"method {request.method} is not allowed on {request.url.path}; use {allowed}"
     return error_response(APIError(message, exc.status_code, headers=headers))
 
 

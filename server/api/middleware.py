@@ -41,7 +41,7 @@ OPEN_PATHS = frozenset({"/v1/load"})
 class ApiKeyMiddleware:
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app = app
-        self._expected = f"Bearer {api_key}".encode()
+        self._key = api_key.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "") if scope["type"] == "http" else ""
@@ -49,13 +49,17 @@ class ApiKeyMiddleware:
         if not protected or scope["method"] == "OPTIONS":
             await self.app(scope, receive, send)
             return
-        given = _header(scope, b"authorization") or b""
-        if not secrets.compare_digest(given, self._expected):
-            message = (
-                "missing API key: send it as 'Authorization: Bearer <key>'"
-                if not given
-                else "invalid API key: the Bearer token does not match the server's --api-key"
-            )
+        given = (_header(scope, b"authorization") or b"").strip()
+        # The scheme is case-insensitive (RFC 9110 section 11.1); the token is compared exactly.
+        scheme, _, token = given.partition(b" ")
+        is_bearer = scheme.lower() == b"bearer"
+        if not (is_bearer and secrets.compare_digest(token.strip(), self._key)):
+            if not given:
+                message = "missing API key: send it as 'Authorization: Bearer <key>'"
+            elif not is_bearer:
+                message = "the Authorization header must use the Bearer scheme: 'Authorization: Bearer <key>'"
+            else:
+                message = "invalid API key: the Bearer token does not match the server's --api-key"
             await send_error(send, 401, message, code="invalid_api_key",
                              headers=[(b"www-authenticate", b"Bearer")])
             return
@@ -74,7 +78,7 @@ class BodySizeLimitMiddleware:
     def _message(self, size: str) -> str:
         return (
             f"request body of {size} exceeds the limit of {self.max_bytes} bytes; send smaller or fewer "
-            "images (or image URLs instead of inline data), or raise the server's max_request_body_bytes"
+            "images (or image URLs instead of inline data), or raise the server's --max-request-body-bytes"
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

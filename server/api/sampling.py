@@ -26,6 +26,12 @@ _DEFAULTABLE = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", 
                 "frequency_penalty")
 # A 64-bit signed seed (what torch generators take), leaving room for seed + i.
 _SEED_MIN, _SEED_MAX = -(2**63), 2**63 - 1
+# top_k goes into an int64 tensor in the sampler; any k past the vocabulary keeps every token.
+MAX_TOP_K = 2**31 - 1
+# Stop strings are searched in every request's new text on the serving event loop, and stop
+# token ids are scanned by the sampler each step: unbounded lists stall every other request.
+MAX_STOP_STRINGS = 256
+MAX_STOP_TOKEN_IDS = 1024
 _SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
 
 
@@ -57,6 +63,8 @@ def resolve_max_tokens(
 def _stops(request: SamplingRequest) -> tuple[str, ...]:
     stop = request.stop
     stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    if len(stops) > MAX_STOP_STRINGS:
+        raise APIError(f"stop has {len(stops)} strings; at most {MAX_STOP_STRINGS} are allowed", param="stop")
     if any(s == "" for s in stops):
         raise APIError("stop strings must be non-empty", param="stop")
     return stops
@@ -90,6 +98,12 @@ def build_sampling_params(
                        f"got {request.seed}", param="seed")
     if any(t < 0 for t in request.stop_token_ids or ()):
         raise APIError("stop_token_ids must be non-negative token ids", param="stop_token_ids")
+    if len(request.stop_token_ids or ()) > MAX_STOP_TOKEN_IDS:
+        raise APIError(f"stop_token_ids has {len(request.stop_token_ids or ())} ids; at most "
+                       f"{MAX_STOP_TOKEN_IDS} are allowed", param="stop_token_ids")
+    if request.top_k is not None and request.top_k > MAX_TOP_K:
+        raise APIError(f"top_k must be -1, 0 (disabled) or in [1, {MAX_TOP_K}], got {request.top_k}; "
+                       "any k at least the vocabulary size keeps every token", param="top_k")
 
     values: dict[str, Any] = {k: defaults[k] for k in _DEFAULTABLE if defaults.get(k) is not None}
     for key in _DEFAULTABLE:

@@ -82,7 +82,7 @@ class MediaFetcher:
             raise MediaError(f"malformed data: URL; expected data:{kind}/<type>;base64,<data>")
         mime = m["mime"].strip().lower()
         if not mime.startswith(kind + "/"):
-            raise MediaError(f"data: URL has media type {mime or '(none)'!r} where an {kind}/* "
+            raise MediaError(f"data: URL has media type {mime or '(none)'!r} where a {kind}/* "
                              f"type is expected (data:{kind}/<type>;base64,<data>)")
         params = [p.strip().lower() for p in m["params"].split(";")]
         if "base64" not in params:
@@ -164,7 +164,7 @@ class MediaFetcher:
 
     async def _follow(self, client: httpx.AsyncClient, pins: dict, url: str, kind: Kind) -> bytes:
         hops = 0
-        current = httpx.URL(url)
+        current = _parse_url(url, kind)
         while True:
             await self._vet_hop(current, pins)
             headers = {"Accept-Encoding": "gzip, deflate, identity", "User-Agent": "vlmserve-media"}
@@ -175,7 +175,7 @@ class MediaFetcher:
                         raise MediaError(f"{kind} URL redirected more than "
                                          f"{self.config.max_redirects} times; the server's "
                                          "--max-redirects raises the limit")
-                    current = current.join(resp.headers["location"])
+                    current = _parse_url(resp.headers["location"], kind, base=current)
                     continue
                 if resp.status_code != 200:
                     raise MediaError(f"{kind} URL answered HTTP {resp.status_code} "
@@ -210,6 +210,21 @@ class MediaFetcher:
         if not body:
             raise MediaError(f"{kind} URL returned an empty body")
         return bytes(body)
+
+
+def _parse_url(url: str, kind: Kind, base: httpx.URL | None = None) -> httpx.URL:
+    """The URL (or a redirect's Location, joined to `base`), or a 400 naming what is wrong
+    with it: a bad port, an IP literal httpx refuses (octal `0177.0.0.1`), a host that is not
+    a valid IDNA name, a lone surrogate."""
+    where = "redirect Location" if base is not None else "URL"
+    try:
+        parsed = base.join(url) if base is not None else httpx.URL(url)
+    except (httpx.InvalidURL, ValueError, UnicodeError) as e:
+        raise MediaError(f"the {kind} {where} is not a valid http(s) URL ({e}); expected "
+                         "http(s)://host[:port]/path with a DNS name or a dotted-decimal IP") from None
+    if parsed.port is not None and not 0 < parsed.port < 65536:  # httpx parses any integer
+        raise MediaError(f"the {kind} {where} has port {parsed.port}; a port is 1 to 65535")
+    return parsed
 
 
 class _Inflater:

@@ -240,3 +240,76 @@ async def test_past_max_pending_requests_new_ones_get_503_with_retry_after(make_
         assert r.status_code == 503
     async with make_client(max_pending_requests=6) as c:
         assert (await c.post("/v1/chat/completions", json=body)).status_code == 200
+
+
+async def test_top_k_past_int64_is_400_before_reaching_the_engine(client, engine):
+    # 2**70 used to reach the sampler's int64 tensor and kill the engine for every request.
+    err = _error(await client.post("/v1/chat/completions", json=_chat(top_k=2**70)), 400)
+    assert err["param"] == "top_k" and "2147483647" in err["message"]
+    assert engine.params == []
+    assert (await client.post("/v1/chat/completions", json=_chat(top_k=10**9))).status_code == 200
+
+
+async def test_stop_lists_past_their_caps_are_400_naming_the_cap(client, engine):
+    from server.api.sampling import MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
+
+    stops = [f"s{i}" for i in range(MAX_STOP_STRINGS + 1)]
+    err = _error(await client.post("/v1/chat/completions", json=_chat(stop=stops)), 400)
+    assert err["param"] == "stop" and f"at most {MAX_STOP_STRINGS}" in err["message"]
+    ids = list(range(1000, 1000 + MAX_STOP_TOKEN_IDS + 1))
+    err = _error(await client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "stop_token_ids": ids}), 400)
+    assert err["param"] == "stop_token_ids" and f"at most {MAX_STOP_TOKEN_IDS}" in err["message"]
+    assert engine.params == []
+    assert (await client.post("/v1/chat/completions", json=_chat(stop=stops[:100]))).status_code == 200
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/chat/completions", b'{"model": "%s", "messages": [{"role": "user", "content": "a\\ud800"}]}',
+     "messages[0].content"),
+    ("/v1/chat/completions",
+     b'{"model": "%s", "messages": [{"role": "user", "content": [{"type": "text", "text": "\\udc00"}]}]}',
+     "messages[0].content[0].text"),
+    ("/v1/completions", b'{"model": "%s", "prompt": "\\udfff"}', "prompt"),
+])
+async def test_lone_surrogate_in_text_is_400_naming_the_field(client, engine, path, body, param):
+    r = await client.post(path, content=body % MODEL.encode(), headers={"content-type": "application/json"})
+    err = _error(r, 400)
+    assert err["param"] == param and err["code"] == "invalid_unicode" and "lone surrogate" in err["message"]
+    assert engine.chat_calls == []
+
+
+@pytest.mark.parametrize("body, message", [
+    (b"", "request body is empty"),
+    (b'{"model": "x", "messages": "\xff\xfe"}', "not valid UTF-8"),
+    (b'{"x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "too deeply"),
+])
+async def test_unparseable_bodies_are_400_saying_why(client, body, message):
+    r = await client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    err = _error(r, 400)
+    assert message in err["message"] and err["code"] == "invalid_json"
+
+
+async def test_wrong_method_is_405_naming_the_allowed_one(client):
+    err = _error(await client.get("/v1/chat/completions"), 405)
+    assert "GET" in err["message"] and "use POST" in err["message"]
+
+
+async def test_stream_options_without_stream_is_400(client, engine):
+    err = _error(await client.post("/v1/chat/completions", json=_chat(stream_options={"include_usage": True})), 400)
+    assert err["param"] == "stream_options" and "stream: true" in err["message"]
+    assert engine.params == []
+
+
+async def test_media_errors_name_the_part_not_just_the_kind(client):
+    msgs = [{"role": "user", "content": [{"type": "text", "text": "x"},
+                                          {"type": "image_url", "image_url": {"url": "ftp://example.com/a.png"}}]}]
+    err = _error(await client.post("/v1/chat/completions", json={"model": MODEL, "messages": msgs}), 400)
+    assert err["param"] == "messages[0].content[1].image_url" and "scheme 'ftp'" in err["message"]
+
+
+async def test_bearer_scheme_is_case_insensitive_and_other_schemes_are_named(make_client):
+    async with make_client(api_key=API_KEY) as c:
+        r = await c.get("/v1/models", headers={"Authorization": f"bearer {API_KEY}"})
+        assert r.status_code == 200
+        r = await c.get("/v1/models", headers={"Authorization": f"Basic {API_KEY}"})
+        assert "Bearer scheme" in _error(r, 401)["message"]

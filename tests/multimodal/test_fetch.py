@@ -152,6 +152,25 @@ async def test_http_error_status_is_a_400_naming_it(server):
         await _local().load_image(server.url("/missing.png"))
 
 
+@pytest.mark.parametrize("url, message", [
+    ("http://0177.0.0.1/x.png", "not a valid http.*IPv4"),  # octal: httpx refuses to parse it
+    ("http://[::1/x.png", "not a valid http"),
+    ("http://a\ud800.example/x.png", "not a valid http"),  # a lone surrogate from the JSON
+    ("http://93.184.215.14:99999/x.png", "port 99999; a port is 1 to 65535"),
+])
+async def test_unparseable_http_url_is_a_400_not_a_crash(url, message):
+    with pytest.raises(MediaError, match=message) as e:
+        await MediaLoader().load_image(url)
+    assert e.value.status_code == 400
+
+
+async def test_unparseable_redirect_location_is_a_400_not_a_crash(server):
+    server.redirect("/bad-hop", "http://[::1/x.png")
+    with pytest.raises(MediaError, match="(?i)location") as e:
+        await _local().load_image(server.url("/bad-hop"))
+    assert e.value.status_code == 400
+
+
 async def test_unreachable_port_is_a_400_not_a_crash(server):
     server.httpd.shutdown()
     server.httpd.server_close()

@@ -53,6 +53,25 @@ def check_request(request: SamplingRequest, engine: EngineClient) -> None:
     if unsupported is not None:
         param, message = unsupported
         raise APIError(message, param=param, code="unsupported_parameter")
+    if request.stream_options is not None and not request.stream:
+        # vLLM's rule: the options describe a stream, so without one they are a client mistake.
+        raise APIError("stream_options is only allowed with stream: true; set stream or remove stream_options",
+                       param="stream_options")
+
+
+def check_unicode(text: str, param: str) -> None:
+    """400 for a lone UTF-16 surrogate ("\\ud800" in the JSON): Python keeps it in the str, but
+    it is not Unicode text, and the tokenizer fails on it (a 500 otherwise)."""
+    if text.isascii():  # O(1) for the common case
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise APIError(
+            f"{param} is not valid Unicode: it has a lone surrogate U+{ord(text[e.start]):04X} at character "
+            f"{e.start}; in JSON, \\uD800-\\uDBFF must be followed by \\uDC00-\\uDFFF (send UTF-8 text)",
+            param=param, code="invalid_unicode",
+        ) from None
 
 
 async def render_prompt(rendering: Awaitable[ProcessedPrompt], param: str) -> ProcessedPrompt:

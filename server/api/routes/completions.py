@@ -19,7 +19,14 @@ from server.api.generation import (
 )
 from server.api.logprobs import TokenRenderer
 from server.api.protocol import CompletionChoice, CompletionRequest, CompletionResponse
-from server.api.routes.common import ResponseContext, check_capacity, check_request, make_usage, render_prompt
+from server.api.routes.common import (
+    ResponseContext,
+    check_capacity,
+    check_request,
+    check_unicode,
+    make_usage,
+    render_prompt,
+)
 from server.api.sampling import build_sampling_params
 from server.engine.outputs import RequestOutput
 from server.engine.sampling_params import SamplingParams
@@ -30,6 +37,7 @@ router = APIRouter()
 def single_prompt(prompt: str | list[int] | list[str]) -> str | list[int]:
     """The one prompt of a request: a string or token ids (a one-string list is unwrapped)."""
     if isinstance(prompt, str):
+        check_unicode(prompt, "prompt")
         return prompt
     if not prompt:
         raise APIError("prompt is empty; send a string or a list of token ids", param="prompt")
@@ -37,6 +45,7 @@ def single_prompt(prompt: str | list[int] | list[str]) -> str | list[int]:
         if len(prompt) != 1:
             raise APIError(f"batched prompts are not supported (got {len(prompt)}); send one prompt per request",
                            param="prompt")
+        check_unicode(prompt[0], "prompt[0]")  # type: ignore[arg-type]
         return prompt[0]  # type: ignore[return-value]
     if any(p < 0 for p in prompt):  # type: ignore[operator]
         raise APIError("prompt token ids must be non-negative", param="prompt")

@@ -16,6 +16,7 @@ from PIL import Image
 
 from server.api.errors import APIError
 from server.api.protocol import ChatMessage, ImagePart, MediaURL, OtherPart, TextPart, VideoPart
+from server.api.routes.common import check_unicode
 from server.multimodal.media import MediaError, MediaLoader
 
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -50,12 +51,14 @@ def to_hf_conversation(messages: list[ChatMessage]) -> tuple[list[dict[str, Any]
             conversation.append({"role": role, "content": ""})
             continue
         if isinstance(msg.content, str):
+            check_unicode(msg.content, f"{where}.content")
             conversation.append({"role": role, "content": msg.content})
             continue
         parts: list[dict[str, Any]] = []
         for j, part in enumerate(msg.content):
             part_where = f"{where}.content[{j}]"
             if isinstance(part, TextPart):
+                check_unicode(part.text, f"{part_where}.text")
                 parts.append({"type": "text", "text": part.text})
                 continue
             if isinstance(part, OtherPart):
@@ -75,7 +78,8 @@ def to_hf_conversation(messages: list[ChatMessage]) -> tuple[list[dict[str, Any]
 
 
 def _media_error(exc: MediaError, ref: MediaRef) -> APIError:
-    return APIError(f"{ref.param}: {exc}", exc.status_code, param=exc.param or ref.param)
+    # The loader only knows the kind ("image_url"); the part's path in the request is ours.
+    return APIError(f"{ref.param}: {exc}", exc.status_code, param=ref.param)
 
 
 async def _load_one(loader: MediaLoader, ref: MediaRef) -> Any:
