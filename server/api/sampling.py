@@ -17,7 +17,7 @@ from typing import Any
 
 from server.api.errors import APIError
 from server.api.protocol import SamplingRequest
-from server.engine.sampling_params import SamplingParams
+from server.engine.sampling_params import MAX_TOP_K, SEED_RANGE, SamplingParams
 
 MAX_TOP_LOGPROBS = 20
 MAX_N = 128
@@ -25,9 +25,7 @@ MAX_N = 128
 _DEFAULTABLE = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
                 "frequency_penalty")
 # A 64-bit signed seed (what torch generators take), leaving room for seed + i.
-_SEED_MIN, _SEED_MAX = -(2**63), 2**63 - 1
-# top_k goes into an int64 tensor in the sampler; any k past the vocabulary keeps every token.
-MAX_TOP_K = 2**31 - 1
+_SEED_MIN, _SEED_MAX = SEED_RANGE
 # Stop strings are searched in every request's new text on the serving event loop, and stop
 # token ids are scanned by the sampler each step: unbounded lists stall every other request.
 MAX_STOP_STRINGS = 256
