@@ -77,9 +77,22 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping):
     return _impl("write_kv", k)(k, v, k_cache, v_cache, slot_mapping)
 
 
-def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, max_query_len, max_seq_len, scale):
-    return _impl("paged_attention", q)(
-        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, max_query_len, max_seq_len, scale
+def paged_attention(
+    q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, max_query_len, max_seq_len, scale, plan=None
+):
+    """`plan`: from `plan_paged_attention` over the same batch (None where that returned None)."""
+    op = _impl("paged_attention", q)
+    args = (q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, max_query_len, max_seq_len, scale)
+    return op(*args, plan) if plan is not None else op(*args)
+
+
+def plan_paged_attention(block_tables, seq_lens, query_start_loc, block_size, query_start_loc_cpu, seq_lens_cpu):
+    """The step-wide part of `paged_attention` (gather indices, masks), built once and passed
+    to every layer's call; None when the backend for these tensors needs none (Triton)."""
+    if _impl("paged_attention", block_tables) is not reference.paged_attention:
+        return None
+    return reference.plan_paged_attention(
+        block_tables, seq_lens, query_start_loc, block_size, query_start_loc_cpu, seq_lens_cpu
     )
 
 

@@ -9,6 +9,8 @@ Shape conventions (T tokens of a flattened batch, H heads, D head dim):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -39,32 +41,36 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     """Rotate q [T, Hq, D] and k [T, Hk, D] in place; cos/sin [T, D // 2] (float32 or the
     dtype of q). Rotate-half layout: x1 = x[..., :D/2] pairs with x2 = x[..., D/2:]."""
+    c = cos.float().unsqueeze(1)
+    s = sin.float().unsqueeze(1)
+    d = q.shape[-1] // 2
     for x in (q, k):
         xf = x.float()
-        d = xf.shape[-1] // 2
         x1, x2 = xf[..., :d], xf[..., d:]
-        c = cos.float().unsqueeze(1)
-        s = sin.float().unsqueeze(1)
-        out = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
-        x.copy_(out.to(x.dtype))
+        x.copy_(torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1))  # copy_ casts back to x's dtype
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal_offset: int | None) -> torch.Tensor:
-    """q [Lq, Hq, D], k/v [Lk, Hk, D] → [Lq, Hq, D]. With causal_offset c, query i sees
-    keys j <= i + c."""
-    hq, hk = q.shape[1], k.shape[1]
-    if hq != hk:
-        k = k.repeat_interleave(hq // hk, dim=1)
-        v = v.repeat_interleave(hq // hk, dim=1)
-    qt, kt, vt = q.transpose(0, 1).float(), k.transpose(0, 1).float(), v.transpose(0, 1).float()
-    scores = torch.matmul(qt, kt.transpose(1, 2)) * scale  # [H, Lq, Lk]
-    if causal_offset is not None:
-        lq, lk = q.shape[0], k.shape[0]
-        i = torch.arange(lq, device=q.device).unsqueeze(1)
-        j = torch.arange(lk, device=q.device).unsqueeze(0)
-        scores = scores.masked_fill(j > i + causal_offset, float("-inf"))
+def causal_mask(lq: int, lk: int, offset: int, device: torch.device | str) -> torch.Tensor:
+    """bool [lq, lk], True where key j is hidden from query i: j > i + offset."""
+    i = torch.arange(lq, device=device).unsqueeze(1)
+    j = torch.arange(lk, device=device).unsqueeze(0)
+    return j > i + offset
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None) -> torch.Tensor:
+    """q [Lq, Hq, D], k/v [Lk, Hk, D] → [Lq, Hq, D]; mask bool [Lq, Lk] (True: not attended)
+    or None. GQA without repeating K/V: the g = Hq / Hk query heads of a kv head are stacked
+    as the rows of one product against that head's keys."""
+    lq, hq, d = q.shape
+    lk, hk = k.shape[0], k.shape[1]
+    g = hq // hk
+    qt = q.float().reshape(lq, hk, g, d).permute(1, 2, 0, 3).reshape(hk, g * lq, d)
+    kt, vt = k.transpose(0, 1).float(), v.transpose(0, 1).float()  # [Hk, Lk, D]
+    scores = torch.matmul(qt, kt.transpose(1, 2)).mul_(scale)  # [Hk, g * Lq, Lk]
+    if mask is not None:
+        scores.view(hk, g, lq, lk).masked_fill_(mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    return torch.matmul(probs, vt).transpose(0, 1).to(q.dtype)
+    return torch.matmul(probs, vt).view(hq, lq, d).transpose(0, 1).to(q.dtype)
 
 
 def varlen_attention(
@@ -82,7 +88,8 @@ def varlen_attention(
     bounds = cu_seqlens.tolist()
     for s, e in zip(bounds[:-1], bounds[1:]):
         if e > s:
-            out[s:e] = _attend(q[s:e], k[s:e], v[s:e], scale, 0 if causal else None)
+            mask = causal_mask(e - s, e - s, 0, q.device) if causal else None
+            out[s:e] = _attend(q[s:e], k[s:e], v[s:e], scale, mask)
     return out
 
 
@@ -103,7 +110,60 @@ def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> t
     """The first seq_len cached rows of one request: [seq_len, Hk, D]."""
     bs = cache.shape[1]
     nblocks = (seq_len + bs - 1) // bs
-    return cache[block_table[:nblocks].long()].flatten(0, 1)[:seq_len]
+    return cache.index_select(0, block_table[:nblocks]).flatten(0, 1)[:seq_len]
+
+
+@dataclass
+class PagedAttentionPlan:
+    """What `paged_attention` derives from the batch alone (gather indices, masks), so that a
+    step builds it once (`plan_paged_attention`) and every layer reuses it.
+
+    Decodes (one query each) are batched: request b's whole blocks are gathered into row b of
+    [B, nblocks * block_size] keys and the padding past its context is masked out. Prefill
+    chunks (more than one query) go one by one."""
+
+    # int64 [B]: the q rows of the decodes; None when the decodes are all of q's rows, in order.
+    decode_rows: torch.Tensor | None
+    decode_blocks: torch.Tensor | None  # int [B * nblocks]: each decode's blocks, request-major
+    decode_pad: torch.Tensor | None  # bool [B, 1, 1, nblocks * block_size]: True past the context
+    # (start, end, blocks int [nblocks], seq_len, mask bool [end - start, seq_len] True above the
+    # causal diagonal) per prefill chunk.
+    prefills: list[tuple[int, int, torch.Tensor, int, torch.Tensor]]
+
+
+def plan_paged_attention(
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    block_size: int,
+    query_start_loc_cpu: list[int] | None = None,
+    seq_lens_cpu: list[int] | None = None,
+) -> PagedAttentionPlan:
+    """The host copies of query_start_loc / seq_lens, when given, spare a device sync."""
+    starts = query_start_loc_cpu if query_start_loc_cpu is not None else query_start_loc.tolist()
+    lens = seq_lens_cpu if seq_lens_cpu is not None else seq_lens.tolist()
+    device = block_tables.device
+    decodes = [i for i in range(len(lens)) if starts[i + 1] - starts[i] == 1]
+    rows = blocks = pad = None
+    if decodes:
+        nblocks = (max(lens[i] for i in decodes) + block_size - 1) // block_size
+        if len(decodes) == len(lens) and starts[-1] == len(lens):  # a decode-only step
+            tables, dec_lens = block_tables, seq_lens
+        else:
+            rows = torch.tensor([starts[i] for i in decodes], dtype=torch.int64, device=device)
+            idx = torch.tensor(decodes, dtype=torch.int64, device=device)
+            tables, dec_lens = block_tables.index_select(0, idx), seq_lens.index_select(0, idx)
+        blocks = tables[:, :nblocks].reshape(-1)
+        j = torch.arange(nblocks * block_size, device=device)
+        pad = (j >= dec_lens.unsqueeze(1)).view(len(decodes), 1, 1, -1)
+    prefills = []
+    for i, seq_len in enumerate(lens):
+        s, e = starts[i], starts[i + 1]
+        if e - s > 1:
+            nblocks = (seq_len + block_size - 1) // block_size
+            mask = causal_mask(e - s, seq_len, seq_len - (e - s), device)
+            prefills.append((s, e, block_tables[i, :nblocks], seq_len, mask))
+    return PagedAttentionPlan(rows, blocks, pad, prefills)
 
 
 def paged_attention(
@@ -116,46 +176,44 @@ def paged_attention(
     max_query_len: int,
     max_seq_len: int,
     scale: float,
+    plan: PagedAttentionPlan | None = None,
 ) -> torch.Tensor:
     """Causal attention of a step's queries against the paged cache. Request i's queries are
     q[query_start_loc[i]:query_start_loc[i+1]], the last tokens of its context of seq_lens[i]
     tokens, all of whose K/V are already in the cache. Returns [T, Hq, D].
 
-    Decodes (one query) are done together in one batched product; prefill chunks one by one."""
+    Decodes (one query) are done together in one batched product; prefill chunks one by one.
+    `plan`: `plan_paged_attention` of these same batch tensors (built here when None)."""
+    if plan is None:
+        plan = plan_paged_attention(block_tables, seq_lens, query_start_loc, k_cache.shape[1])
+    if plan.decode_blocks is not None and plan.decode_rows is None and not plan.prefills:
+        return _decode_attention(q, k_cache, v_cache, plan.decode_blocks, plan.decode_pad, scale)
     out = torch.empty_like(q)
-    starts = query_start_loc.tolist()
-    lens = seq_lens.tolist()
-    decodes = [i for i in range(len(lens)) if starts[i + 1] - starts[i] == 1]
-    if decodes:
-        rows = [starts[i] for i in decodes]
-        out[rows] = _decode_attention(q[rows], k_cache, v_cache, block_tables[decodes], seq_lens[decodes], scale)
-    for i, seq_len in enumerate(lens):
-        s, e = starts[i], starts[i + 1]
-        if e - s <= 1:
-            continue
-        k = gather_kv(k_cache, block_tables[i], seq_len)
-        v = gather_kv(v_cache, block_tables[i], seq_len)
-        out[s:e] = _attend(q[s:e], k, v, scale, seq_len - (e - s))
+    if plan.decode_blocks is not None:
+        rows = plan.decode_rows
+        out[rows] = _decode_attention(q[rows], k_cache, v_cache, plan.decode_blocks, plan.decode_pad, scale)
+    for s, e, blocks, seq_len, mask in plan.prefills:
+        k = k_cache.index_select(0, blocks).flatten(0, 1)[:seq_len]
+        v = v_cache.index_select(0, blocks).flatten(0, 1)[:seq_len]
+        out[s:e] = _attend(q[s:e], k, v, scale, mask)
     return out
 
 
 def _decode_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-    seq_lens: torch.Tensor, scale: float,
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: torch.Tensor, pad: torch.Tensor,
+    scale: float,
 ) -> torch.Tensor:
-    """One query per request: q [B, Hq, D] against each request's first seq_lens[b] cached
-    rows, gathered into [B, L, Hk, D] (L = the longest) and masked past each length."""
-    nb, bs, hk, d = k_cache.shape
+    """One query per request: q [B, Hq, D] against the blocks of each request, gathered into
+    [B, L, Hk, D] (L = blocks per request * block size), with pad [B, 1, 1, L] masked out."""
+    _, _, hk, d = k_cache.shape
     b, hq, _ = q.shape
-    length = int(seq_lens.max())
-    j = torch.arange(length, device=q.device)
-    slots = block_tables[:, j // bs].long() * bs + j % bs  # [B, L]
-    k = k_cache.view(nb * bs, hk, d)[slots].float()  # [B, L, Hk, D]
-    v = v_cache.view(nb * bs, hk, d)[slots].float()
-    qg = q.float().view(b, hk, hq // hk, d)  # GQA: query heads grouped by their kv head
-    scores = torch.einsum("bkgd,blkd->bkgl", qg, k) * scale
-    scores = scores.masked_fill((j[None, :] >= seq_lens[:, None]).view(b, 1, 1, length), float("-inf"))
-    out = torch.einsum("bkgl,blkd->bkgd", scores.softmax(dim=-1), v)
+    length = pad.shape[-1]
+    k = k_cache.index_select(0, blocks).view(b, length, hk, d).float()
+    v = v_cache.index_select(0, blocks).view(b, length, hk, d).float()
+    qg = q.float().reshape(b, hk, hq // hk, d)  # GQA: query heads grouped by their kv head
+    scores = torch.matmul(qg, k.permute(0, 2, 3, 1)).mul_(scale)  # [B, Hk, g, L]
+    scores.masked_fill_(pad, float("-inf"))
+    out = torch.matmul(scores.softmax(dim=-1), v.transpose(1, 2))  # [B, Hk, g, D]
     return out.reshape(b, hq, d).to(q.dtype)
 
 

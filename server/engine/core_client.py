@@ -24,7 +24,6 @@ The child exits when the down pipe reads EOF: the parent closed it or died, even
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import multiprocessing as mp
 import os
@@ -77,7 +76,7 @@ class CoreClient(Protocol):
 
 # ---- the loop both clients run -------------------------------------------------------------
 def core_stats(core: EngineCore, num_steps: int) -> dict[str, float]:
-    stats = dataclasses.asdict(core.scheduler.get_stats())
+    stats = dict(vars(core.scheduler.get_stats()))  # scalars only: no deep copy as in asdict
     stats["steps"] = num_steps
     stats["encoded_items"] = core.runner.encoder.num_encoded_items
     return stats

@@ -124,6 +124,12 @@ class KVCacheManager:
         is short of blocks."""
         req_id = request.request_id
         held = self._req_blocks.get(req_id)
+        if held is not None and not new_computed_block_ids:
+            total = request.num_computed_tokens + num_new_tokens
+            if self.num_blocks_for(total) <= len(held):  # room in the held blocks (most decodes)
+                if self.enable_caching:
+                    self._cache_full_blocks(request, min(total, request.num_tokens) // self.block_size)
+                return []
         if new_computed_block_ids and (held or request.num_computed_tokens):
             raise ValueError(
                 f"request {req_id!r} already holds {len(held or ())} blocks and "

@@ -12,8 +12,12 @@ all of them lives in the paged cache after `write_kv`, at the blocks `block_tabl
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from kernels.reference import PagedAttentionPlan
 
 
 @dataclass
@@ -31,6 +35,9 @@ class ForwardBatch:
     # Host copies of query_start_loc / seq_lens, so reference kernels need no device sync.
     query_start_loc_cpu: list[int] = field(default_factory=list)
     seq_lens_cpu: list[int] = field(default_factory=list)
+    # The step-wide gather indices and masks of the reference paged attention, built once per
+    # step (`kernels.plan_paged_attention`) for all layers; None on the Triton path.
+    attn_plan: "PagedAttentionPlan | None" = None
     # Cross-attention (Mllama). None for inline-embedding families and for a batch where no
     # request has images. Request i's cross K/V (all its images' rows, in item order) lives
     # in `cross_kv_caches[j]` (one pair per cross-attention layer, same block layout as the

@@ -161,23 +161,33 @@ def build_inputs(
     logits_indices: list[int] = []
     mm_slices: list[MultiModalSlice] = []
 
+    hi = 0
     for i, req_id in enumerate(order):
         st = states[req_id]
-        start, n = st.num_computed_tokens, int(counts[i])
+        start, n = st.num_computed_tokens, num_scheduled[req_id]
         end = start + n
-        lo, hi = int(query_start_loc[i]), int(query_start_loc[i + 1])
+        lo, hi = hi, hi + n
         if end > len(st.token_ids):
             raise RuntimeError(f"{req_id}: scheduled up to token {end} but only {len(st.token_ids)} are known")
-        input_ids[lo:hi] = st.token_ids[start:end]
-        if uses_mrope:
-            positions[:, lo:hi] = _positions(st, start, end, True)
+        if n == 1 and start >= st.num_prompt_tokens:
+            # A decode: scalar writes (numpy per-call overhead dominates at one token).
+            input_ids[lo] = st.token_ids[start]
+            if uses_mrope:
+                positions[:, lo] = start + st.mrope_delta
+            else:
+                positions[lo] = start
+            slot_mapping[lo] = st.block_ids[start // block_size] * block_size + start % block_size
         else:
-            positions[lo:hi] = np.arange(start, end)
-        blocks = np.asarray(st.block_ids, dtype=np.int64)
-        pos = np.arange(start, end, dtype=np.int64)
-        slot_mapping[lo:hi] = blocks[pos // block_size] * block_size + pos % block_size
+            input_ids[lo:hi] = st.token_ids[start:end]
+            if uses_mrope:
+                positions[:, lo:hi] = _positions(st, start, end, True)
+            else:
+                positions[lo:hi] = np.arange(start, end)
+            blocks = np.asarray(st.block_ids, dtype=np.int64)
+            pos = np.arange(start, end, dtype=np.int64)
+            slot_mapping[lo:hi] = blocks[pos // block_size] * block_size + pos % block_size
         seq_lens[i] = end
-        block_tables[i, : len(blocks)] = blocks
+        block_tables[i, : len(st.block_ids)] = st.block_ids
         if end == len(st.token_ids):
             sampling_req_ids.append(req_id)
             logits_indices.append(hi - 1)

@@ -153,6 +153,10 @@ class ModelRunner:
             query_start_loc_cpu=inputs.query_start_loc.tolist(),
             seq_lens_cpu=inputs.seq_lens.tolist(),
         )
+        batch.attn_plan = kernels.plan_paged_attention(
+            batch.block_tables, batch.seq_lens, batch.query_start_loc, self.block_size,
+            batch.query_start_loc_cpu, batch.seq_lens_cpu,
+        )
         if inputs.cross is not None:
             c = inputs.cross
             batch.cross = CrossAttentionBatch(

@@ -47,6 +47,7 @@ class PagedAttention(nn.Module):
             batch.max_query_len,
             batch.max_seq_len,
             self.scale,
+            batch.attn_plan,
         )
 
 

@@ -11,6 +11,7 @@ Three flavours:
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
@@ -43,13 +44,15 @@ def mrope_cos_sin(
         return rope_cos_sin(positions, inv_freq)
     if positions.dim() != 2 or positions.shape[0] != 3:
         raise ValueError(f"M-RoPE positions must be [3, T] or [T], got shape {tuple(positions.shape)}")
-    # [3, T, D/2]: every axis' angle for every slot; then slot run j keeps axis j % 3.
-    angles = positions.to(torch.float32).unsqueeze(-1) * inv_freq
-    axis_of_slot = torch.cat(
-        [torch.full((n,), j % 3, dtype=torch.long, device=positions.device) for j, n in enumerate(mrope_section)]
-    )
-    picked = angles.gather(0, axis_of_slot.view(1, 1, -1).expand(1, angles.shape[1], -1)).squeeze(0)
-    return _cos_sin(picked)
+    # Slot run j takes its angle from axis j % 3: [T, D/2] positions, one gather.
+    axis = _mrope_axis_of_slot(tuple(mrope_section), positions.device)
+    return _cos_sin(positions.t().index_select(1, axis).to(torch.float32) * inv_freq)
+
+
+@functools.lru_cache(maxsize=8)
+def _mrope_axis_of_slot(mrope_section: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """int64 [D/2]: the position axis (0 t, 1 h, 2 w) each frequency slot reads."""
+    return torch.cat([torch.full((n,), j % 3, dtype=torch.long, device=device) for j, n in enumerate(mrope_section)])
 
 
 def vision_rotary_cos_sin(hw_positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -54,6 +54,7 @@ class Qwen2VLForConditionalGeneration(nn.Module):
         )
         self.lm_head: nn.Linear | None = None
         self._luts: dict[bytes, torch.Tensor] = {}  # normalisation tables on the device, by content
+        self._inv_freq: torch.Tensor | None = None  # the text rotary's, built at the first forward
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype, device=meta)
         self.to_empty(device=device)
@@ -135,7 +136,9 @@ class Qwen2VLForConditionalGeneration(nn.Module):
     def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """inputs_embeds [T, hidden]; positions int64 [3, T] (M-RoPE t/h/w) or [T] (text
         only: the same on all axes) → final-normed hidden [T, hidden]."""
-        inv_freq = rope_inv_freq(self.config.head_dim, self.config.rope_theta, device=inputs_embeds.device)
+        inv_freq = self._inv_freq
+        if inv_freq is None or inv_freq.device != inputs_embeds.device:
+            inv_freq = self._inv_freq = rope_inv_freq(self.config.head_dim, self.config.rope_theta, inputs_embeds.device)
         cos, sin = mrope_cos_sin(positions, inv_freq, self.config.mrope_section)  # [T, D/2] float32
         return self.language_model(inputs_embeds, cos, sin, batch)
 
