@@ -170,11 +170,23 @@ class AsyncEngine:
         request = Request(request_id, prompt, sampling_params, eos_token_ids=self.eos_token_ids)
         self.core.add_request(request)
         try:
+            pending: BaseException | None = None
             while True:
                 item = await stream.queue.get()
                 if isinstance(item, BaseException):
                     raise item
+                # When the consumer falls behind the engine (a busy event loop), what has
+                # queued up goes out as one delta: fewer, larger events exactly when handling
+                # events is what the server is short of.
+                while not item.finished and not stream.queue.empty():
+                    nxt = stream.queue.get_nowait()
+                    if isinstance(nxt, BaseException):
+                        pending = nxt
+                        break
+                    item = item.merged_with(nxt)
                 yield item
+                if pending is not None:
+                    raise pending
                 if item.finished:
                     return
         finally:

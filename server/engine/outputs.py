@@ -123,3 +123,21 @@ class RequestOutput:
     num_output_tokens: int  # total so far
     num_cached_tokens: int = 0
     logprobs: list[TokenLogprob] | None = None
+
+    def merged_with(self, later: "RequestOutput") -> "RequestOutput":
+        """This delta followed by `later` (the next one of the same request) as one delta."""
+        logprobs = None
+        if self.logprobs is not None or later.logprobs is not None:
+            logprobs = [*(self.logprobs or ()), *(later.logprobs or ())]
+        return RequestOutput(
+            request_id=self.request_id,
+            text=self.text + later.text,
+            token_ids=self.token_ids + later.token_ids,
+            finished=later.finished,
+            finish_reason=later.finish_reason,
+            stop_reason=later.stop_reason,
+            num_prompt_tokens=later.num_prompt_tokens,
+            num_output_tokens=later.num_output_tokens,
+            num_cached_tokens=max(self.num_cached_tokens, later.num_cached_tokens),
+            logprobs=logprobs,
+        )

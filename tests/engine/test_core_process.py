@@ -160,3 +160,30 @@ def test_engine_process_exits_when_its_parent_is_killed(tiny_ckpt, tmp_path):
 def test_engine_mode_is_validated():
     with pytest.raises(ValueError, match="--engine-mode"):
         EngineConfig(engine_mode="fork")
+
+
+async def test_a_consumer_that_falls_behind_gets_merged_deltas_with_nothing_lost(tiny_ckpt):
+    engine = await _engine(tiny_ckpt, "process")
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, logprobs=1)
+    try:
+        prompt = await engine.render_completion("Tell me a story about a lighthouse")
+
+        async def run(request_id: str, delay: float):
+            outs = []
+            async for out in engine.generate(prompt, params, request_id):
+                outs.append(out)
+                await asyncio.sleep(delay)
+            return outs
+
+        fast = await run("fast", 0)
+        slow = await run("slow", 0.05)  # 40 steps take far less than 40 x 50 ms
+    finally:
+        await engine.shutdown()
+    assert len(slow) < len(fast) and any(len(o.token_ids) > 1 for o in slow)
+    for outs in (fast, slow):
+        assert outs[-1].finished and outs[-1].finish_reason == "length" and outs[-1].num_output_tokens == 40
+        assert sum(len(o.logprobs) for o in outs) == sum(len(o.token_ids) for o in outs) == 40
+        assert not any(o.finished for o in outs[:-1])
+    assert [t for o in slow for t in o.token_ids] == [t for o in fast for t in o.token_ids]
+    assert "".join(o.text for o in slow) == "".join(o.text for o in fast)
+    assert [lp.token_id for o in slow for lp in o.logprobs] == [t for o in fast for t in o.token_ids]
