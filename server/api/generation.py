@@ -60,8 +60,24 @@ async def generate_choices(
     Engine failures become APIError: 503 when the engine aborted the request (drain,
     shutdown), 500 otherwise. An output with finish_reason "abort" never reaches the caller.
     """
-    queue: asyncio.Queue = asyncio.Queue()
     ids = engine_request_ids(request_id, params.n)
+    if params.n == 1:
+        # One choice: read the engine stream in this task. No pump task and queue in between
+        # (a task switch per token), and outputs that queue up behind a busy event loop stay in
+        # the engine stream, which merges them.
+        stream = engine.generate(prompt, params, request_id)
+        try:
+            try:
+                async for out in stream:
+                    yield 0, _checked(out, ids[0])
+            except (APIError, GeneratorExit, asyncio.CancelledError):
+                raise
+            except BaseException as e:
+                _checked(e, ids[0])
+        finally:
+            await stream.aclose()  # type: ignore[attr-defined]
+        return
+    queue: asyncio.Queue = asyncio.Queue()
     tasks = []
     try:
         for i, rid in enumerate(ids):
@@ -73,19 +89,24 @@ async def generate_choices(
             if item is _DONE:
                 remaining -= 1
                 continue
-            if isinstance(item, RequestRejected):
-                raise APIError(str(item), 400, code="request_rejected")
-            if isinstance(item, BaseException):
-                logger.error("engine request %s failed", ids[index], exc_info=item)
-                raise internal_error()
-            if item.finish_reason == "abort":
-                raise APIError("the server aborted this request (it is shutting down or overloaded); retry it",
-                               503, code="request_aborted")
-            yield index, item
+            yield index, _checked(item, ids[index])
     finally:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _checked(item: RequestOutput | BaseException, engine_request_id: str) -> RequestOutput:
+    """An engine output, or the APIError its failure is answered with."""
+    if isinstance(item, RequestRejected):
+        raise APIError(str(item), 400, code="request_rejected")
+    if isinstance(item, BaseException):
+        logger.error("engine request %s failed", engine_request_id, exc_info=item)
+        raise internal_error()
+    if item.finish_reason == "abort":
+        raise APIError("the server aborted this request (it is shutting down or overloaded); retry it",
+                       503, code="request_aborted")
+    return item
 
 
 @dataclass
