@@ -122,6 +122,11 @@ class AsyncEngine:
     def generation_defaults(self) -> dict[str, Any]:
         return self.processor.generation_defaults()
 
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """The media kinds the model takes ("image", "video"), as its processor declares."""
+        return tuple(getattr(self.processor, "modalities", ("image",)))
+
     async def render_chat(
         self,
         conversation: list[dict[str, Any]],

@@ -29,6 +29,10 @@ class EngineClient(Protocol):
     # The model's transformers tokenizer: the API renders logprob tokens with it (read-only).
     tokenizer: Any
 
+    # The media kinds the model takes, e.g. ("image", "video"); others are refused with a 400
+    # before they are fetched. Optional: without it both are accepted.
+    modalities: tuple[str, ...]
+
     def generation_defaults(self) -> dict[str, Any]:
         """Sampling defaults from the checkpoint's generation_config.json (keys named as in
         SamplingParams: temperature, top_p, top_k, repetition_penalty, ...). A request's own

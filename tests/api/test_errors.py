@@ -162,6 +162,19 @@ async def test_video_is_400_when_the_media_loader_cannot_load_video(engine):
     assert "not supported yet" in err["message"] and err["param"] == "messages[0].content[0].video_url"
 
 
+async def test_video_for_an_image_only_model_is_400_before_any_fetch(client, engine):
+    engine.modalities = ("image",)
+    # An http URL no test may reach: the refusal must come before any fetch is attempted.
+    msgs = [{"role": "user", "content": [
+        {"type": "image_url", "image_url": png_data_url()},
+        {"type": "video_url", "video_url": {"url": "http://203.0.113.7/clip.mp4"}},
+    ]}]
+    err = _error(await client.post("/v1/chat/completions", json={"model": MODEL, "messages": msgs}), 400)
+    assert err["code"] == "unsupported_modality" and err["param"] == "messages[0].content[1].video_url"
+    assert "does not take video" in err["message"] and "takes image" in err["message"]
+    assert not engine.chat_calls
+
+
 async def test_media_error_status_is_kept(engine):
     class Refusing:
         async def load_image(self, url: str):

@@ -42,3 +42,12 @@ def test_served_family_answers_like_the_offline_engine(family_id, engine_mode, t
         stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0,
                                                 stream=True, extra_body={"ignore_eos": True})
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == expected.text
+
+        # These families take no video: a clear 400 before anything is decoded.
+        import openai
+
+        video = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}},
+                                              {"type": "text", "text": question}]}]
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="tiny", messages=video, max_tokens=4)
+        assert e.value.body["code"] == "unsupported_modality" and "does not take video" in e.value.body["message"]

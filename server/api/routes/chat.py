@@ -27,7 +27,7 @@ from server.api.protocol import (
     ChatStreamChoice,
 )
 from server.api.routes.common import ResponseContext, check_capacity, check_request, make_usage, render_prompt
-from server.api.routes.conversation import check_media_limits, load_media, to_hf_conversation
+from server.api.routes.conversation import check_media_limits, check_modalities, load_media, to_hf_conversation
 from server.api.sampling import build_sampling_params
 from server.engine.outputs import RequestOutput
 from server.engine.sampling_params import SamplingParams
@@ -43,6 +43,7 @@ async def create_chat_completion(
     check_request(body, engine)
     check_capacity(engine, config.max_pending_requests)
     conversation, refs = to_hf_conversation(body.messages)
+    check_modalities(refs, getattr(engine, "modalities", ("image", "video")), engine.model_name)
     check_media_limits(refs, config.limit_mm_per_prompt)
     images, videos = await load_media(refs, media)
     # `videos` is passed only when present, so engines of image-only families need no video argument.

@@ -113,6 +113,18 @@ async def load_media(refs: list[MediaRef], loader: MediaLoader) -> tuple[list[Im
     return images, videos
 
 
+def check_modalities(refs: list[MediaRef], accepted: tuple[str, ...], model_name: str) -> None:
+    """Media the model cannot take (a video for an image-only family): refused before
+    anything is fetched or decoded."""
+    for ref in refs:
+        if ref.kind not in accepted:
+            raise APIError(
+                f"{ref.param}: model {model_name!r} does not take {ref.kind} input; it takes "
+                f"{' and '.join(accepted) or 'text only'}",
+                400, param=ref.param, code="unsupported_modality",
+            )
+
+
 def check_media_limits(refs: list[MediaRef], limits: dict[str, int]) -> None:
     """`--limit-mm-per-prompt`: refuse before anything is fetched or decoded."""
     for kind, limit in limits.items():

@@ -97,6 +97,8 @@ class MllamaProcessor:
     """Reads the checkpoint's tokenizer (+ chat template), preprocessor_config.json,
     generation_config.json and config.json's vision sizes and image token."""
 
+    modalities = ("image",)  # what the API may send it (server.engine.client.EngineClient)
+
     def __init__(self, model_dir: str | Path, hf_config: dict[str, Any], **_limits: Any) -> None:
         # `_limits` (min/max_pixels) do not apply: Mllama's images are always <= max tiles.
         self.model_dir = Path(model_dir)

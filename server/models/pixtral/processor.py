@@ -46,6 +46,8 @@ class PixtralProcessor:
     processor_config.json, generation_config.json and config.json's image_token_index; for the
     Mistral format: tekken.json (and params.json, through the loader's `hf_config`)."""
 
+    modalities = ("image",)  # what the API may send it (server.engine.client.EngineClient)
+
     def __init__(
         self,
         model_dir: str | Path,

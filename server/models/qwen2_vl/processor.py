@@ -113,6 +113,8 @@ class Qwen2VLProcessor:
     """Reads the checkpoint's tokenizer, preprocessor_config.json, generation_config.json and
     the vision token ids of config.json (flat, or nested under `text_config`)."""
 
+    modalities = ("image", "video")  # what the API may send it (server.engine.client.EngineClient)
+
     def __init__(
         self,
         model_dir: str | Path,
