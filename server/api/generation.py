@@ -103,6 +103,9 @@ def _checked(item: RequestOutput | BaseException, engine_request_id: str) -> Req
     if isinstance(item, BaseException):
         logger.error("engine request %s failed", engine_request_id, exc_info=item)
         raise internal_error()
+    if item.finish_reason == "error":
+        raise APIError("the engine failed while running this request (the server log has the cause); the "
+                       "server goes on serving: retry it", 500, code="engine_error")
     if item.finish_reason == "abort":
         raise APIError("the server aborted this request (it is shutting down or overloaded); retry it",
                        503, code="request_aborted")

@@ -132,6 +132,12 @@ class BlockPool:
         self.cached_blocks[block_hash] = block_id
         return True
 
+    def uncache_blocks(self, block_ids: Iterable[int]) -> None:
+        """Forgets the hashes of these blocks: their contents may be wrong (a failed step
+        wrote them), so no later request may match them."""
+        for block_id in block_ids:
+            self._evict_hash(self.blocks[block_id])
+
     def reset_prefix_cache(self) -> int:
         """Forgets every hash (blocks in use keep their data, but nothing new matches them).
         Returns how many entries were dropped."""

@@ -157,8 +157,19 @@ class EncoderCacheManager:
         refs.add(request.request_id)
         self._req_inputs.setdefault(request.request_id, set()).add(input_id)
 
+    def discard(self, content_hash: str) -> None:
+        """Forgets an unreferenced entry now (its rows were never written: the step that was
+        to encode it failed); the runner hears of it through `get_freed_hashes`."""
+        if content_hash in self._unreferenced:
+            del self._unreferenced[content_hash]
+            self._evict(content_hash)
+
     def _evict_one(self) -> None:
         content_hash, _ = self._unreferenced.popitem(last=False)
+        self._evict(content_hash)
+
+    def _evict(self, content_hash: str) -> None:
+        """Drops an entry already taken out of `_unreferenced`."""
         num_rows = self._rows.pop(content_hash)
         del self._refs[content_hash]
         self._num_used_rows -= num_rows

@@ -1,17 +1,30 @@
-"""EngineCore: the step loop. Schedule, run, update — one forward pass per step."""
+"""EngineCore: the step loop. Schedule, run, update — one forward pass per step.
+
+A step whose forward pass raises fails only the requests it ran (finish_reason "error"); the
+engine goes on with the rest. Several failing steps in a row mean the engine itself is
+broken (a lost device, say): the error then propagates and the engine is reported dead."""
 
 from __future__ import annotations
+
+import logging
 
 from server.engine.outputs import EngineCoreOutput
 from server.engine.request import Request, RequestStatus
 from server.engine.scheduler import Scheduler
 from server.runner.model_runner import ModelRunner
 
+logger = logging.getLogger(__name__)
+
+# Failed steps in a row after which the engine gives up.
+MAX_CONSECUTIVE_STEP_FAILURES = 3
+
 
 class EngineCore:
     def __init__(self, scheduler: Scheduler, runner: ModelRunner) -> None:
         self.scheduler = scheduler
         self.runner = runner
+        self.num_failed_steps = 0
+        self._failures_in_a_row = 0
 
     def add_request(self, request: Request) -> None:
         self.scheduler.add_request(request)
@@ -24,5 +37,16 @@ class EngineCore:
 
     def step(self) -> list[EngineCoreOutput]:
         scheduler_output = self.scheduler.schedule()
-        runner_output = self.runner.execute(scheduler_output)
+        try:
+            runner_output = self.runner.execute(scheduler_output)
+        except Exception:
+            self._failures_in_a_row += 1
+            if self._failures_in_a_row >= MAX_CONSECUTIVE_STEP_FAILURES:
+                raise
+            self.num_failed_steps += 1
+            failed = self.scheduler.fail_step(scheduler_output)
+            logger.exception("an engine step failed; its %d request(s) end with an error: %s",
+                             len(failed), ", ".join(out.req_id for out in failed))
+            return failed
+        self._failures_in_a_row = 0
         return self.scheduler.update(scheduler_output, runner_output)

@@ -159,14 +159,17 @@ class KVCacheManager:
             self._cache_full_blocks(request, min(total, request.num_tokens) // self.block_size)
         return gained
 
-    def free(self, request: Request) -> None:
+    def free(self, request: Request, uncache: bool = False) -> None:
         """Releases the request's blocks (finish, abort or preemption). Tail blocks join the
-        free queue first, so they are evicted before the prefix other requests may share."""
+        free queue first, so they are evicted before the prefix other requests may share.
+        `uncache`: also forget their prefix-cache hashes (a failed step may have written them)."""
         req_id = request.request_id
         blocks = self._req_blocks.pop(req_id, None)
         self._req_hashes.pop(req_id, None)
         self._num_cached_blocks.pop(req_id, None)
         if blocks:
+            if uncache:
+                self.pool.uncache_blocks(blocks)
             self.pool.free_blocks(reversed(blocks))
 
     # ---- internals -----------------------------------------------------------------------

@@ -81,9 +81,14 @@ class EngineMetrics:
                                                    labels, buckets=_TOKEN_BUCKETS, registry=r).labels(model_name)
         self._success = Counter("vllm:request_success", "Finished requests by finish reason.",
                                 labels + ["finished_reason"], registry=r)
+        self._errors = Counter("vlmserve:request_errors", "Requests ended by a failed engine step.", labels,
+                               registry=r).labels(model_name)
         r.register(_SnapshotCollector(model_name, snapshot))
 
     def request_finished(self, finish_reason: str, prompt_tokens: int, output_tokens: int, latency_s: float) -> None:
+        if finish_reason == "error":
+            self._errors.inc()
+            return
         self._success.labels(self.model_name, finish_reason).inc()
         self.request_prompt_tokens.observe(prompt_tokens)
         self.request_generation_tokens.observe(output_tokens)

@@ -132,6 +132,33 @@ class Scheduler:
             request.status = status
             self._free_request(request)
 
+    def fail_step(self, scheduler_output: SchedulerOutput) -> list[EngineCoreOutput]:
+        """The runner raised on this step. Its requests end with finish_reason "error", and
+        nothing the step may have half-written is reused: their blocks lose their prefix-cache
+        hashes, and the encoder outputs the step was to compute are forgotten. Requests the
+        step did not touch go on. (Every holder of such an output was scheduled in this step,
+        so all are freed before the discard.)"""
+        to_encode = [
+            self.requests[req_id].mm_items[i].content_hash
+            for req_id, input_ids in scheduler_output.scheduled_encoder_inputs.items()
+            if req_id in self.requests
+            for i in input_ids
+        ]
+        outputs: list[EngineCoreOutput] = []
+        failed = set()
+        for req_id in scheduler_output.num_scheduled_tokens:
+            request = self.requests.get(req_id)
+            if request is None or request.status != RequestStatus.RUNNING:
+                continue
+            request.status = RequestStatus.FINISHED_ERROR
+            failed.add(req_id)
+            self._free_request(request, uncache=True)
+            outputs.append(EngineCoreOutput(req_id=req_id, new_token_ids=[], finish_reason="error"))
+        self.running = [r for r in self.running if r.request_id not in failed]
+        for content_hash in to_encode:
+            self.encoder_cache.discard(content_hash)
+        return outputs
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.waiting or self.running)
 
@@ -369,8 +396,8 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(request)
 
-    def _free_request(self, request: Request) -> None:
-        self.kv_cache.free(request)
+    def _free_request(self, request: Request, uncache: bool = False) -> None:
+        self.kv_cache.free(request, uncache=uncache)
         self.encoder_cache.free(request)
         if self.cross_kv is not None:
             self.cross_kv.free(request)

@@ -48,6 +48,7 @@ class FakeEngine:
         self.render_error: Exception | None = None
         self.fail_after_steps: int | None = None  # raise RuntimeError at this step
         self.abort_after_steps: int | None = None  # finish with reason "abort" at this step
+        self.error_after_steps: int | None = None  # finish with reason "error" (a failed engine step)
         self.block_after_steps: int | None = None  # wait for `release` at this step
         self.release = asyncio.Event()
         self.reached_block = asyncio.Event()
@@ -140,6 +141,10 @@ class FakeEngine:
                 if step == self.abort_after_steps:
                     done = True
                     yield self._output(request_id, prompt, "", [], "abort", None, num_out)
+                    return
+                if step == self.error_after_steps:
+                    done = True
+                    yield self._output(request_id, prompt, "", [], "error", None, num_out)
                     return
                 new: list[int] = []
                 finish, stop_reason = None, None

@@ -211,6 +211,18 @@ async def test_engine_abort_never_reaches_the_client_as_a_finish_reason(client, 
     assert "abort" not in [c.get("finish_reason") for e in parse_sse(r.text)[:-1] for c in e.get("choices", [])]
 
 
+async def test_a_failed_engine_step_is_a_500_for_its_request_and_the_next_one_is_served(client, engine):
+    engine.error_after_steps = 2
+    err = _error(await client.post("/v1/chat/completions", json=_chat()), 500)
+    assert err["code"] == "engine_error" and "retry" in err["message"]
+    r = await client.post("/v1/chat/completions", json=_chat(stream=True))
+    events = parse_sse(r.text)
+    assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "engine_error"
+    assert "error" not in [c.get("finish_reason") for e in events[:-2] for c in e.get("choices", [])]
+    engine.error_after_steps = None
+    assert (await client.post("/v1/chat/completions", json=_chat())).status_code == 200
+
+
 async def test_unknown_route_is_404_in_the_openai_shape(client):
     assert "no such route" in _error(await client.get("/v1/nope"), 404)["message"]
 
