@@ -60,6 +60,21 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def context_length(requested: int | None, model_config: Any) -> int:
+    """The engine's max_model_len: `requested` (--max-model-len) or the checkpoint's
+    max_position_embeddings, kept within a sliding-window model's window, the span over which
+    full attention (all we implement) equals sliding-window attention."""
+    window = getattr(model_config, "sliding_window", None)
+    if window is not None and requested is not None and requested > window:
+        raise ValueError(
+            f"--max-model-len {requested} exceeds this model's sliding_window {window}: sliding-window attention "
+            f"is not implemented, and full attention matches it only up to {window} tokens; pass "
+            f"--max-model-len {window} or less"
+        )
+    length = requested or model_config.max_position_embeddings
+    return length if window is None else min(length, window)
+
+
 def build_frontend(config: EngineConfig, model_dir: Path | None = None) -> FrontendParts:
     """`model_dir`: the already resolved checkpoint directory (None: resolve `config.model`)."""
     model_dir = model_dir or resolve_model_dir(config.model)
@@ -82,7 +97,7 @@ def build_core(config: EngineConfig, model_dir: Path, eos_token_ids: Callable[[]
     model, model_config = load_model(model_dir, dtype=config.dtype, device=device)
     dtype = next(model.parameters()).dtype
 
-    max_model_len = config.max_model_len or model_config.max_position_embeddings
+    max_model_len = context_length(config.max_model_len, model_config)
     if config.num_kv_blocks is not None:
         num_blocks = config.num_kv_blocks
     else:
@@ -93,9 +108,10 @@ def build_core(config: EngineConfig, model_dir: Path, eos_token_ids: Callable[[]
         )
     num_cross_blocks = 0
     if model.cross_kv_cache_spec is not None:
-        num_cross_blocks = config.num_cross_kv_blocks or max(
-            2, int(config.kv_cache_memory_gb * 2**30 * 0.25) // kv_block_bytes(model, config.block_size, dtype, cross=True)
-        )
+        cross_block_bytes = kv_block_bytes(model, config.block_size, dtype, cross=True)
+        # No cross-attention layers (a config may list none): blocks are bookkeeping only, free.
+        budget = int(config.kv_cache_memory_gb * 2**30 * 0.25) // cross_block_bytes if cross_block_bytes else 1 << 16
+        num_cross_blocks = config.num_cross_kv_blocks or max(2, budget)
     runner = ModelRunner(
         model,
         num_blocks=num_blocks,

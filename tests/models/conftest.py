@@ -83,3 +83,23 @@ def make_hf_tiny(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path
         return cache[key]
 
     return make
+
+
+def save_random_hf_model(model: torch.nn.Module, out_dir: Path, seed: int = 0) -> Path:
+    """Give a transformers model built from a config random weights at scales that keep greedy
+    decoding clear of near-ties (matrices ~1.2 / sqrt(fan_in), embeddings 0.5, norms ~1,
+    Mllama-style gates ~tanh(0.7)), then `save_pretrained` it to `out_dir`."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                std = 0.5 if "embed" in name else 1.2 / p[0].numel() ** 0.5
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+            elif name.endswith("weight") and ("norm" in name or "ln_" in name):
+                p.copy_(1.0 + torch.randn(p.shape, generator=gen) * 0.05)
+            elif "gate" in name:
+                p.copy_(0.7 + torch.randn(p.shape, generator=gen) * 0.1)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * (0.5 if "class_embedding" in name else 0.05))
+    model.save_pretrained(out_dir)
+    return Path(out_dir)

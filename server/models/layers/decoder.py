@@ -1,6 +1,6 @@
 """The pre-norm decoder shared by the Qwen2, Mistral and Llama language models: fused
-q/k/v attention over the paged KV cache, a SiLU-gated MLP with fused gate/up, RMSNorm with
-the residual add fused into it.
+q/k/v attention over the paged KV cache, a gated MLP with fused gate/up (SiLU unless the
+config's `hidden_act` says otherwise), RMSNorm with the residual add fused into it.
 
 Module names (`self_attn.qkv_proj`, `mlp.gate_up_proj`, `input_layernorm`, ...) are what the
 families' `load_weights` map checkpoint names onto. Tensors are [T, hidden] over the step's
@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import kernels
+from server.models.layers.activation import activation
 from server.models.layers.attention import PagedAttention
 from server.models.layers.norm import RMSNorm
 from server.runner.forward_batch import ForwardBatch
@@ -46,26 +47,35 @@ class PagedSelfAttention(nn.Module):
 
 
 class GatedMLP(nn.Module):
-    def __init__(self, hidden: int, intermediate: int, dtype: torch.dtype, device: Device) -> None:
+    """down(act(gate(x)) * up(x)); `act` is a `layers.activation` name ("silu" runs the fused
+    kernel)."""
+
+    def __init__(self, hidden: int, intermediate: int, dtype: torch.dtype, device: Device, act: str = "silu") -> None:
         super().__init__()
+        self.act_name = act
+        self.act = activation(act)
         # Rows: gate (I), then up (I) — the order kernels.silu_and_mul expects.
         self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=False, dtype=dtype, device=device)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x)))
+        gate_up = self.gate_up_proj(x)
+        if self.act_name in ("silu", "swish"):
+            return self.down_proj(kernels.silu_and_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.down_proj(self.act(gate) * up)
 
 
 class DecoderLayer(nn.Module):
     def __init__(
         self, hidden: int, intermediate: int, num_heads: int, num_kv_heads: int, head_dim: int, eps: float,
-        layer_idx: int, qkv_bias: bool, dtype: torch.dtype, device: Device,
+        layer_idx: int, qkv_bias: bool, dtype: torch.dtype, device: Device, act: str = "silu",
     ) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(hidden, eps, dtype, device)
         self.self_attn = PagedSelfAttention(hidden, num_heads, num_kv_heads, head_dim, layer_idx, qkv_bias, dtype, device)
         self.post_attention_layernorm = RMSNorm(hidden, eps, dtype, device)
-        self.mlp = GatedMLP(hidden, intermediate, dtype, device)
+        self.mlp = GatedMLP(hidden, intermediate, dtype, device, act)
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch
@@ -87,12 +97,12 @@ class TextDecoder(nn.Module):
 
     def __init__(
         self, vocab_size: int, hidden: int, intermediate: int, num_layers: int, num_heads: int, num_kv_heads: int,
-        head_dim: int, eps: float, qkv_bias: bool, dtype: torch.dtype, device: Device,
+        head_dim: int, eps: float, qkv_bias: bool, dtype: torch.dtype, device: Device, act: str = "silu",
     ) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(vocab_size, hidden, dtype=dtype, device=device)
         self.layers = nn.ModuleList(
-            DecoderLayer(hidden, intermediate, num_heads, num_kv_heads, head_dim, eps, i, qkv_bias, dtype, device)
+            DecoderLayer(hidden, intermediate, num_heads, num_kv_heads, head_dim, eps, i, qkv_bias, dtype, device, act)
             for i in range(num_layers)
         )
         self.norm = RMSNorm(hidden, eps, dtype, device)

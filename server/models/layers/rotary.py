@@ -1,7 +1,7 @@
 """cos/sin tables for rotary position embeddings, in the layout `kernels.rotary` takes:
 cos, sin [T, D // 2] float32, rotate-half pairing (slot i rotates x[i] with x[i + D/2]).
 
-Three flavours:
+Three flavours (each over inverse frequencies optionally scaled, see `RopeScaling`):
 - 1-D RoPE: slot i has angle pos * inv_freq[i];
 - M-RoPE (Qwen2-VL text): positions [3, T] for the (t, h, w) axes; the D/2 frequency slots are
   cut into `mrope_section` runs and run j takes its angle from axis j % 3;
@@ -12,7 +12,9 @@ Three flavours:
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import torch
 
@@ -21,6 +23,61 @@ def rope_inv_freq(rotary_dim: int, theta: float, device: torch.device | str | No
     """[rotary_dim // 2] float32: theta ** (-2i / rotary_dim)."""
     exponents = torch.arange(0, rotary_dim, 2, dtype=torch.float32, device=device) / rotary_dim
     return 1.0 / (theta**exponents)
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """A checkpoint's RoPE frequency scaling: transformers' `rope_type` "linear" (every
+    frequency divided by `factor`) or "llama3" (low frequencies divided, high ones kept, a
+    smooth blend in between; the other fields are llama3's)."""
+
+    rope_type: str
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    @classmethod
+    def from_rope_parameters(cls, rope: dict[str, Any], key: str) -> RopeScaling | None:
+        """`rope_parameters` / `rope_scaling` (merged) → None for plain RoPE; raises naming `key`
+        for a type transformers would scale some other way."""
+        rope_type = rope.get("rope_type", rope.get("type")) or "default"
+        if rope_type in ("default", "mrope"):  # "mrope": Qwen2-VL's legacy name for plain M-RoPE
+            return None
+        if rope_type == "linear":
+            return cls("linear", float(rope["factor"]))
+        if rope_type == "llama3":
+            return cls(
+                "llama3",
+                float(rope["factor"]),
+                float(rope["low_freq_factor"]),
+                float(rope["high_freq_factor"]),
+                int(rope["original_max_position_embeddings"]),
+            )
+        raise ValueError(
+            f"config.json {key} rope_type {rope_type!r} is not supported; expected 'default', 'linear' or 'llama3'"
+        )
+
+
+def scaled_rope_inv_freq(
+    rotary_dim: int, theta: float, scaling: RopeScaling | None, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """`rope_inv_freq` with the checkpoint's scaling applied, as transformers computes it."""
+    inv_freq = rope_inv_freq(rotary_dim, theta, device)
+    if scaling is None:
+        return inv_freq
+    if scaling.rope_type == "linear":
+        return inv_freq / scaling.factor
+    low_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
+    high_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    blended = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, blended, scaled)
 
 
 def _cos_sin(angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,15 +15,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from server.models.layers.activation import check_activation
+from server.models.layers.rotary import RopeScaling
+
 _DEFAULT_ASPECT_RATIOS = ((1, 1), (1, 2), (1, 3), (1, 4), (2, 1), (2, 2), (3, 1), (4, 1))
-
-
-@dataclass(frozen=True)
-class Llama3RopeScaling:
-    factor: float
-    low_freq_factor: float
-    high_freq_factor: float
-    original_max_position_embeddings: int
+# transformers' defaults for absent (null) lists; an empty list is a real value (no layers).
+_INTERMEDIATE = (3, 7, 15, 23, 30)
+_CROSS_LAYERS = (3, 8, 13, 18, 23, 28, 33, 38)
 
 
 @dataclass(frozen=True)
@@ -41,6 +39,7 @@ class MllamaVisionModelConfig:
     vision_output_dim: int
     num_channels: int = 3
     norm_eps: float = 1e-5
+    hidden_act: str = "gelu"  # the encoder layers' MLP activation
 
     @property
     def head_dim(self) -> int:
@@ -75,9 +74,14 @@ class MllamaVisionModelConfig:
             # `[-pad:]`, which for pad == 0 marks every token as padding: no real checkpoint
             # has this, and reproducing it would mean uniform attention.
             raise ValueError(f"vision (image_size/patch_size)^2 + 1 = {self.num_patches} must not be a multiple of 8")
-        bad = [i for i in self.intermediate_layers_indices if not 0 <= i < self.num_hidden_layers]
-        if bad:
-            raise ValueError(f"intermediate_layers_indices {bad} outside the {self.num_hidden_layers} local layers")
+        check_activation(self.hidden_act, "vision_config.hidden_act")
+        n = self.num_hidden_layers
+        bad = [i for i in self.intermediate_layers_indices if not -n <= i < n]
+        if bad or not self.intermediate_layers_indices:
+            raise ValueError(
+                f"vision_config.intermediate_layers_indices {list(self.intermediate_layers_indices)} must name at least "
+                f"one of the {n} local layers (indices -{n} to {n - 1}, as transformers indexes their outputs)"
+            )
         expected = self.hidden_size * (1 + len(self.intermediate_layers_indices))
         if self.vision_output_dim != expected:
             raise ValueError(
@@ -98,10 +102,11 @@ class MllamaVisionModelConfig:
             patch_size=int(d.get("patch_size", 14)),
             max_num_tiles=int(d.get("max_num_tiles", 4)),
             num_aspect_ratios=len(ratios),
-            intermediate_layers_indices=tuple(int(i) for i in d.get("intermediate_layers_indices") or (3, 7, 15, 23, 30)),
+            intermediate_layers_indices=tuple(int(i) for i in _default(d.get("intermediate_layers_indices"), _INTERMEDIATE)),
             vision_output_dim=int(d.get("vision_output_dim", 7680)),
             num_channels=int(d.get("num_channels", 3)),
             norm_eps=float(d.get("norm_eps", 1e-5)),
+            hidden_act=str(d.get("hidden_act", "gelu")),
         )
 
 
@@ -116,13 +121,14 @@ class MllamaModelConfig:
     cross_attention_layers: tuple[int, ...]
     rms_norm_eps: float
     rope_theta: float
-    rope_scaling: Llama3RopeScaling | None
+    rope_scaling: RopeScaling | None
     max_position_embeddings: int
     image_token_id: int
     vision: MllamaVisionModelConfig
     checkpoint_dtype: str | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    hidden_act: str = "silu"  # the text MLP's gate activation
 
     @property
     def head_dim(self) -> int:
@@ -142,6 +148,7 @@ class MllamaModelConfig:
                 f"text hidden_size {self.hidden_size}, num_attention_heads {self.num_attention_heads} and "
                 f"num_key_value_heads {self.num_key_value_heads} must divide evenly"
             )
+        check_activation(self.hidden_act, "text_config.hidden_act")
         bad = [i for i in self.cross_attention_layers if not 0 <= i < self.num_hidden_layers]
         if bad:
             raise ValueError(f"cross_attention_layers {bad} outside the {self.num_hidden_layers} decoder layers")
@@ -156,17 +163,7 @@ class MllamaModelConfig:
             raise ValueError("config.json needs nested text_config and vision_config; is this an Mllama checkpoint?")
         rope = dict(text.get("rope_parameters") or {})
         rope.update(text.get("rope_scaling") or {})
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        scaling = None
-        if rope_type == "llama3":
-            scaling = Llama3RopeScaling(
-                factor=float(rope["factor"]),
-                low_freq_factor=float(rope["low_freq_factor"]),
-                high_freq_factor=float(rope["high_freq_factor"]),
-                original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
-            )
-        elif rope_type != "default":
-            raise ValueError(f"text rope type {rope_type!r} is not supported for Mllama (expected 'llama3' or default)")
+        scaling = RopeScaling.from_rope_parameters(rope, "text_config.rope_parameters")
         heads = int(_require(text, "num_attention_heads"))
         dtype = d.get("torch_dtype", d.get("dtype")) or text.get("torch_dtype", text.get("dtype"))
         eos = text.get("eos_token_id", d.get("eos_token_id"))
@@ -178,7 +175,7 @@ class MllamaModelConfig:
             num_hidden_layers=int(_require(text, "num_hidden_layers")),
             num_attention_heads=heads,
             num_key_value_heads=int(text.get("num_key_value_heads") or heads),
-            cross_attention_layers=tuple(int(i) for i in text.get("cross_attention_layers") or ()),
+            cross_attention_layers=tuple(int(i) for i in _default(text.get("cross_attention_layers"), _CROSS_LAYERS)),
             rms_norm_eps=float(text.get("rms_norm_eps", 1e-5)),
             rope_theta=float(rope.get("rope_theta", text.get("rope_theta", 500000.0))),
             rope_scaling=scaling,
@@ -188,7 +185,12 @@ class MllamaModelConfig:
             checkpoint_dtype=str(dtype) if dtype is not None else None,
             bos_token_id=text.get("bos_token_id", d.get("bos_token_id")),
             eos_token_ids=eos_ids,
+            hidden_act=str(text.get("hidden_act", "silu")),
         )
+
+
+def _default(value: Any, default: Any) -> Any:
+    return default if value is None else value
 
 
 def _require(d: dict[str, Any], key: str) -> Any:

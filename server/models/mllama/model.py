@@ -21,7 +21,6 @@ Row layout and ranges are the processor's (see `processor.py`).
 
 from __future__ import annotations
 
-import math
 import re
 from typing import Iterable
 
@@ -33,33 +32,15 @@ import kernels
 from server.models.interfaces import KVCacheSpec
 from server.models.layers.decoder import GatedMLP, PagedSelfAttention
 from server.models.layers.norm import RMSNorm
-from server.models.layers.rotary import rope_cos_sin, rope_inv_freq
+from server.models.layers.rotary import rope_cos_sin, scaled_rope_inv_freq
 from server.models.layers.weights import IGNORED_SUFFIXES, WeightLoadTracker
-from server.models.mllama.config import Llama3RopeScaling, MllamaModelConfig
+from server.models.mllama.config import MllamaModelConfig
 from server.models.mllama.vision import MllamaVisionModel
 from server.multimodal.inputs import MultiModalItem
 from server.runner.forward_batch import CrossAttentionBatch, ForwardBatch
 
 
 Device = torch.device | str
-
-
-def llama3_inv_freq(head_dim: int, theta: float, scaling: Llama3RopeScaling | None, device: Device) -> torch.Tensor:
-    """[head_dim // 2] float32: RoPE inverse frequencies with Llama 3's long-context scaling
-    (low frequencies divided by `factor`, high ones kept, a smooth blend in between)."""
-    inv_freq = rope_inv_freq(head_dim, theta, device=device)
-    if scaling is None:
-        return inv_freq
-    low_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
-    high_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
-    smooth = (scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor) / (
-        scaling.high_freq_factor - scaling.low_freq_factor
-    )
-    blended = (1 - smooth) * scaled / scaling.factor + smooth * scaled
-    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-    return torch.where(medium, blended, scaled)
 
 
 class MllamaSelfAttentionLayer(nn.Module):
@@ -71,7 +52,7 @@ class MllamaSelfAttentionLayer(nn.Module):
             qkv_bias=False, dtype=dtype, device=device,
         )
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, dtype, device)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, dtype, device, cfg.hidden_act)
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, batch)
@@ -116,7 +97,7 @@ class MllamaCrossAttentionLayer(nn.Module):
         self.cross_attn = MllamaCrossAttention(cfg, cross_idx, dtype, device)
         self.cross_attn_attn_gate = nn.Parameter(torch.empty(1, dtype=dtype, device=device))
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, dtype, device)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, dtype, device, cfg.hidden_act)
         self.cross_attn_mlp_gate = nn.Parameter(torch.empty(1, dtype=dtype, device=device))
 
     def forward(
@@ -164,7 +145,7 @@ class MllamaForConditionalGeneration(nn.Module):
         self.language_model = MllamaTextModel(config, dtype, meta)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype, device=meta)
         self.to_empty(device=device)
-        inv_freq = llama3_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling, device)
+        inv_freq = scaled_rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling, device)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     @property

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
+from server.models.layers.activation import activation
 from server.models.mllama.config import MllamaVisionModelConfig
 
 Device = torch.device | str
@@ -44,6 +45,7 @@ class VisionEncoderLayer(nn.Module):
         # Rows: q, k, v (each all heads); no biases in the checkpoint.
         self.qkv_proj = nn.Linear(h, 3 * h, bias=False, dtype=dtype, device=device)
         self.o_proj = nn.Linear(h, h, bias=False, dtype=dtype, device=device)
+        self.act = activation(cfg.hidden_act)
         self.fc1 = nn.Linear(h, cfg.intermediate_size, dtype=dtype, device=device)
         self.fc2 = nn.Linear(cfg.intermediate_size, h, dtype=dtype, device=device)
         self.gated = gated
@@ -57,7 +59,7 @@ class VisionEncoderLayer(nn.Module):
         qkv = self.qkv_proj(self.input_layernorm(x)).view(n, 3, self.num_heads, self.head_dim)
         out = self.o_proj(attn(qkv[:, 0], qkv[:, 1], qkv[:, 2]).reshape(n, -1))
         x = x + (self.gate_attn.tanh() * out if self.gated else out)
-        out = self.fc2(F.gelu(self.fc1(self.post_attention_layernorm(x))))
+        out = self.fc2(self.act(self.fc1(self.post_attention_layernorm(x))))
         return x + (self.gate_ffn.tanh() * out if self.gated else out)
 
 
@@ -149,10 +151,12 @@ class MllamaVisionModel(nn.Module):
         attn = _ImageAttention([n * p for n in num_tiles], length, cfg.head_dim**-0.5, x.device)
 
         h = x.reshape(b * length, hid)[order]
+        # Layer i's output is intermediate state i (negative indices count from the last layer).
+        wanted = [i % cfg.num_hidden_layers for i in cfg.intermediate_layers_indices]
         saved: dict[int, torch.Tensor] = {}
         for i, layer in enumerate(self.layers):
             h = layer(h, attn)
-            if i in cfg.intermediate_layers_indices:
+            if i in wanted:
                 saved[i] = h
         h = self.layernorm_post(h[inverse]).view(b, t, pp, hid)
         h = h + self.post_tile_gate.tanh() * self.post_tile_embedding(aspect_ratio_ids).view(b, t, 1, hid)
@@ -161,6 +165,6 @@ class MllamaVisionModel(nn.Module):
             h = layer(h, attn)
 
         # Intermediate states in the order of intermediate_layers_indices, as transformers stacks them.
-        stacked = torch.stack([saved[i][inverse] for i in cfg.intermediate_layers_indices], dim=-1)  # [B*L, H, K]
+        stacked = torch.stack([saved[i][inverse] for i in wanted], dim=-1)  # [B*L, H, K]
         out = torch.cat([h[inverse], stacked.flatten(1)], dim=-1)  # [B*L, H * (1 + K)]
         return out.view(b, t, pp, -1)[:, :, :p]

@@ -18,6 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from server.models.layers.activation import check_activation
+from server.models.layers.rotary import RopeScaling
+
 # transformers' class defaults (MistralConfig, PixtralVisionConfig, LlavaConfig).
 _TEXT_DEFAULTS = dict(
     vocab_size=32000,
@@ -41,10 +44,9 @@ _VISION_DEFAULTS = dict(
     hidden_act="gelu",
     rope_theta=10000.0,
 )
+_MISTRAL_SLIDING_WINDOW = 4096  # MistralConfig's default; Pixtral-12B's config sets null
 # The published tokenizer's ids (Tekken: special tokens first).
 IMAGE_TOKEN_ID, IMAGE_BREAK_TOKEN_ID, IMAGE_END_TOKEN_ID = 10, 12, 13
-VISION_ACTS = ("silu", "gelu")  # the gate activation of the vision MLP
-PROJECTOR_ACTS = ("gelu",)
 
 
 @dataclass(frozen=True)
@@ -78,8 +80,7 @@ class PixtralVisionModelConfig:
         if self.head_dim % 4:
             # The 2-D RoPE gives a quarter of the head dim to rows and a quarter to columns.
             raise ValueError(f"vision head_dim ({self.head_dim}) must be divisible by 4 for the 2-D RoPE")
-        if self.hidden_act not in VISION_ACTS:
-            raise ValueError(f"vision hidden_act {self.hidden_act!r} is not supported; expected one of {VISION_ACTS}")
+        check_activation(self.hidden_act, "vision_config.hidden_act")  # the vision MLP's gate
 
     @classmethod
     def from_hf_config(cls, d: dict[str, Any]) -> PixtralVisionModelConfig:
@@ -119,9 +120,14 @@ class PixtralModelConfig:
     vision: PixtralVisionModelConfig
     projector_hidden_act: str = "gelu"
     projector_bias: bool = True
-    # Index into the vision tower's hidden states [after ln_pre, after layer 1, ..., after
-    # layer N]; -1 (Pixtral) is the last layer's output.
-    vision_feature_layer: int = -1
+    # Indices into the vision tower's hidden states [after ln_pre, after layer 1, ..., after
+    # layer N]; -1 (Pixtral) is the last layer's output. Several: their features are
+    # concatenated in this order, and the projector takes E * len(...) inputs.
+    vision_feature_layers: tuple[int, ...] = (-1,)
+    hidden_act: str = "silu"  # the text MLP's gate activation
+    # Mistral's sliding-window attention span (token i sees i - window < j <= i); None: full.
+    sliding_window: int | None = None
+    rope_scaling: RopeScaling | None = None  # of the text RoPE's frequencies
     image_token_id: int = IMAGE_TOKEN_ID
     image_break_token_id: int = IMAGE_BREAK_TOKEN_ID
     image_end_token_id: int = IMAGE_END_TOKEN_ID
@@ -131,12 +137,18 @@ class PixtralModelConfig:
     eos_token_ids: tuple[int, ...] = ()
 
     @property
+    def vision_feature_indices(self) -> tuple[int, ...]:
+        """`vision_feature_layers` as non-negative indices into the hidden states."""
+        n = self.vision.num_hidden_layers + 1
+        for layer in self.vision_feature_layers:
+            if not -n <= layer < n:
+                raise ValueError(f"vision_feature_layer {layer} is out of range for {n - 1} vision layers")
+        return tuple(layer % n for layer in self.vision_feature_layers)
+
+    @property
     def vision_layers_used(self) -> int:
         """Vision layers whose output the projector reads (the rest need not run)."""
-        n = self.vision.num_hidden_layers + 1
-        if not -n <= self.vision_feature_layer < n:
-            raise ValueError(f"vision_feature_layer {self.vision_feature_layer} is out of range for {n - 1} layers")
-        return self.vision_feature_layer % n
+        return max(self.vision_feature_indices)
 
     def __post_init__(self) -> None:
         if self.num_attention_heads % self.num_key_value_heads:
@@ -146,9 +158,13 @@ class PixtralModelConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
-        if self.projector_hidden_act not in PROJECTOR_ACTS:
-            raise ValueError(f"projector_hidden_act {self.projector_hidden_act!r} is not supported")
-        _ = self.vision_layers_used  # range check
+        check_activation(self.projector_hidden_act, "projector_hidden_act")
+        check_activation(self.hidden_act, "text_config.hidden_act")
+        if not self.vision_feature_layers:
+            raise ValueError("vision_feature_layer must name at least one vision layer")
+        _ = self.vision_feature_indices  # range check
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"text_config.sliding_window must be positive or null, got {self.sliding_window}")
 
     @classmethod
     def from_hf_config(cls, d: dict[str, Any]) -> PixtralModelConfig:
@@ -168,16 +184,15 @@ class PixtralModelConfig:
                 "config.json must set vision_feature_select_strategy 'full' (Pixtral has no CLS token to drop)"
             )
         layer = d.get("vision_feature_layer", -2)
-        if not isinstance(layer, int):
-            raise ValueError(f"vision_feature_layer must be one layer index for Pixtral, got {layer!r}")
+        layers = tuple(layer) if isinstance(layer, (list, tuple)) else (layer,)
+        if not all(isinstance(i, int) for i in layers):
+            raise ValueError(f"vision_feature_layer must be a layer index or a list of them, got {layer!r}")
         text = d.get("text_config") or {}
         t = {**_TEXT_DEFAULTS, **{k: text[k] for k in _TEXT_DEFAULTS if text.get(k) is not None}}
-        rope = text.get("rope_parameters") or {}
-        if (rope.get("rope_type") or "default") != "default":
-            raise ValueError(f"text rope type {rope.get('rope_type')!r} is not supported (Pixtral uses plain RoPE)")
-        if text.get("sliding_window") is not None:
-            raise ValueError("text_config.sliding_window is set: sliding-window attention is not supported")
+        rope = dict(text.get("rope_parameters") or {})
+        rope.update(text.get("rope_scaling") or {})
         heads = int(t["num_attention_heads"])
+        window = text.get("sliding_window", _MISTRAL_SLIDING_WINDOW)  # absent: MistralConfig's default
         tie = bool(d.get("tie_word_embeddings", False) or text.get("tie_word_embeddings", False))
         dtype = d.get("torch_dtype", d.get("dtype")) or text.get("torch_dtype", text.get("dtype"))
         eos = text.get("eos_token_id", d.get("eos_token_id", 2))
@@ -196,7 +211,10 @@ class PixtralModelConfig:
             vision=PixtralVisionModelConfig.from_hf_config(vision),
             projector_hidden_act=str(d.get("projector_hidden_act", "gelu")),
             projector_bias=bool(d.get("multimodal_projector_bias", True)),
-            vision_feature_layer=int(layer),
+            vision_feature_layers=layers,
+            hidden_act=str(text.get("hidden_act", "silu")),
+            sliding_window=None if window is None else int(window),
+            rope_scaling=RopeScaling.from_rope_parameters(rope, "text_config.rope_parameters"),
             image_token_id=int(d.get("image_token_index", d.get("image_token_id", IMAGE_TOKEN_ID))),
             checkpoint_dtype=str(dtype) if dtype is not None else None,
             bos_token_id=text.get("bos_token_id", d.get("bos_token_id", 1)),

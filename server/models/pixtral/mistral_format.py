@@ -75,7 +75,7 @@ def config_from_params(params: dict[str, Any]) -> PixtralModelConfig:
             rope_theta=float(v.get("rope_theta", 10000.0)),
         ),
         projector_bias=bool(v.get("adapter_bias", True)),
-        vision_feature_layer=-1,
+        vision_feature_layers=(-1,),
         image_token_id=int(v.get("image_token_id", 10)),
         image_break_token_id=int(v.get("image_break_token_id", 12)),
         image_end_token_id=int(v.get("image_end_token_id", 13)),

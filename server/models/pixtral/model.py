@@ -21,7 +21,7 @@ from torch import nn
 
 from server.models.interfaces import KVCacheSpec
 from server.models.layers.decoder import TextDecoder
-from server.models.layers.rotary import rope_cos_sin, rope_inv_freq
+from server.models.layers.rotary import rope_cos_sin, scaled_rope_inv_freq
 from server.models.layers.weights import IGNORED_SUFFIXES, WeightLoadTracker
 from server.models.pixtral.config import PixtralModelConfig
 from server.models.pixtral.mistral_format import is_mistral_weight_name, mistral_to_hf_weight
@@ -47,12 +47,12 @@ class PixtralForConditionalGeneration(nn.Module):
         # Built on the meta device, then given real (uninitialised) storage: no time spent on
         # random init of weights the checkpoint overwrites.
         meta = torch.device("meta")
-        self.vision_tower = PixtralVisionModel(config.vision, config.vision_layers_used, dtype, meta)
+        self.vision_tower = PixtralVisionModel(config.vision, config.vision_feature_indices, dtype, meta)
         self.multi_modal_projector = LlavaMultiModalProjector(config, dtype, meta)
         c = config
         self.language_model = TextDecoder(
             c.vocab_size, c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads,
-            c.num_key_value_heads, c.head_dim, c.rms_norm_eps, qkv_bias=False, dtype=dtype, device=meta,
+            c.num_key_value_heads, c.head_dim, c.rms_norm_eps, qkv_bias=False, dtype=dtype, device=meta, act=c.hidden_act,
         )
         self.lm_head: nn.Linear | None = None
         if not config.tie_word_embeddings:
@@ -103,7 +103,8 @@ class PixtralForConditionalGeneration(nn.Module):
         """inputs_embeds [T, hidden]; positions int64 [T] → final-normed hidden [T, hidden]."""
         if positions.dim() != 1:
             raise ValueError(f"Pixtral takes 1-D positions [T], got shape {tuple(positions.shape)}")
-        inv_freq = rope_inv_freq(self.config.head_dim, self.config.rope_theta, device=inputs_embeds.device)
+        c = self.config
+        inv_freq = scaled_rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling, device=inputs_embeds.device)
         cos, sin = rope_cos_sin(positions, inv_freq)  # [T, D/2] float32
         return self.language_model(inputs_embeds, cos, sin, batch)
 

@@ -18,10 +18,10 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import kernels
+from server.models.layers.activation import activation
 from server.models.layers.attention import segment_cu_seqlens, vision_attention
 from server.models.layers.norm import RMSNorm
 from server.models.layers.rotary import rope_inv_freq
@@ -79,17 +79,18 @@ class PixtralVisionAttention(nn.Module):
 class PixtralVisionMLP(nn.Module):
     def __init__(self, cfg: PixtralVisionModelConfig, dtype: torch.dtype, device: Device) -> None:
         super().__init__()
-        self.act = cfg.hidden_act
+        self.act_name = cfg.hidden_act
+        self.act = activation(cfg.hidden_act)
         # Rows: gate (I), then up (I) — the order kernels.silu_and_mul expects.
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False, dtype=dtype, device=device)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
-        if self.act == "silu":  # Pixtral-12B
+        if self.act_name == "silu":  # Pixtral-12B
             return self.down_proj(kernels.silu_and_mul(gate_up))
-        gate, up = gate_up.chunk(2, dim=-1)  # "gelu": transformers' class default (exact erf GELU)
-        return self.down_proj(F.gelu(gate) * up)
+        gate, up = gate_up.chunk(2, dim=-1)  # e.g. "gelu": transformers' class default (exact erf GELU)
+        return self.down_proj(self.act(gate) * up)
 
 
 class PixtralVisionLayer(nn.Module):
@@ -108,12 +109,15 @@ class PixtralVisionLayer(nn.Module):
 
 
 class PixtralVisionModel(nn.Module):
-    """Runs only the first `num_layers_used` layers: the projector reads that layer's output."""
+    """Returns the hidden states at `feature_indices` (0: after ln_pre, i: after layer i),
+    concatenated in that order; layers past the last one read are not run."""
 
-    def __init__(self, cfg: PixtralVisionModelConfig, num_layers_used: int, dtype: torch.dtype, device: Device) -> None:
+    def __init__(
+        self, cfg: PixtralVisionModelConfig, feature_indices: Sequence[int], dtype: torch.dtype, device: Device
+    ) -> None:
         super().__init__()
         self.cfg = cfg
-        self.num_layers_used = num_layers_used
+        self.feature_indices = tuple(feature_indices)
         # Conv2d with kernel == stride is a matmul with the flattened kernel [E, C*P*P].
         self.patch_conv = nn.Linear(cfg.patch_input_dim, cfg.hidden_size, bias=False, dtype=dtype, device=device)
         self.ln_pre = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
@@ -121,25 +125,31 @@ class PixtralVisionModel(nn.Module):
 
     def forward(self, pixel_values: Sequence[torch.Tensor], grids: Sequence[tuple[int, int]]) -> torch.Tensor:
         """pixel_values: per image float [C, rows * P, cols * P]; grids: (rows, cols) per image
-        → features [sum(rows * cols), E] after layer `num_layers_used`, images in order."""
+        → features [sum(rows * cols), E * len(feature_indices)], images in order."""
         w = self.patch_conv.weight
         patches = torch.cat([patchify(pv.to(device=w.device, dtype=w.dtype), self.cfg.patch_size) for pv in pixel_values])
         x = self.ln_pre(self.patch_conv(patches))  # [N, E]
         cos, sin = vision_rope_cos_sin(grids, self.cfg.head_dim, self.cfg.rope_theta, w.device)  # [N, D/2]
         cu_seqlens, max_seqlen = segment_cu_seqlens([r * c for r, c in grids], w.device)
-        for layer in self.layers[: self.num_layers_used]:
+        kept = {0: x} if 0 in self.feature_indices else {}  # hidden-state index -> [N, E]
+        for i, layer in enumerate(self.layers[: max(self.feature_indices)], start=1):
             x = layer(x, cos, sin, cu_seqlens, max_seqlen)
-        return x
+            if i in self.feature_indices:
+                kept[i] = x
+        return torch.cat([kept[i] for i in self.feature_indices], dim=-1)
 
 
 class LlavaMultiModalProjector(nn.Module):
-    """Vision features [N, E] → language-model rows [N, hidden]: linear, GELU, linear."""
+    """Vision features [N, E * number of feature layers] → language-model rows [N, hidden]:
+    linear, `projector_hidden_act` (GELU for Pixtral), linear."""
 
     def __init__(self, cfg: PixtralModelConfig, dtype: torch.dtype, device: Device) -> None:
         super().__init__()
         bias = cfg.projector_bias
-        self.linear_1 = nn.Linear(cfg.vision.hidden_size, cfg.hidden_size, bias=bias, dtype=dtype, device=device)
+        self.act = activation(cfg.projector_hidden_act)
+        width = cfg.vision.hidden_size * len(cfg.vision_feature_layers)
+        self.linear_1 = nn.Linear(width, cfg.hidden_size, bias=bias, dtype=dtype, device=device)
         self.linear_2 = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=bias, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(F.gelu(self.linear_1(x)))
+        return self.linear_2(self.act(self.linear_1(x)))

@@ -14,6 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from server.models.layers.activation import check_activation
+from server.models.layers.rotary import RopeScaling
+
 # Defaults of the published checkpoints, used only when a key is absent.
 _DEFAULT_VISION_ROPE_THETA = 10000.0
 _DEFAULT_TEXT_ROPE_THETA = 1000000.0
@@ -55,8 +58,7 @@ class Qwen2VLVisionModelConfig:
         if self.head_dim % 4:
             # The 2-D rotary splits half the head dim between h and w, each in rotate-half pairs.
             raise ValueError(f"vision head_dim ({self.head_dim}) must be divisible by 4 for the 2-D rotary")
-        if self.hidden_act != "quick_gelu":
-            raise ValueError(f"vision_config.hidden_act {self.hidden_act!r} is not supported; expected 'quick_gelu'")
+        check_activation(self.hidden_act, "vision_config.hidden_act")
 
     @classmethod
     def from_hf_config(cls, d: dict[str, Any], out_hidden_size: int) -> Qwen2VLVisionModelConfig:
@@ -97,6 +99,8 @@ class Qwen2VLModelConfig:
     checkpoint_dtype: str | None = None  # "bfloat16", "float16", "float32" or None if unset
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    hidden_act: str = "silu"  # the text MLP's gate activation
+    rope_scaling: RopeScaling | None = None  # of the text M-RoPE's frequencies
 
     @property
     def head_dim(self) -> int:
@@ -119,6 +123,7 @@ class Qwen2VLModelConfig:
                 f"{self.head_dim // 2} (head_dim = hidden_size / num_attention_heads = {self.head_dim}); "
                 "fix rope_scaling.mrope_section (or text_config.rope_parameters.mrope_section) in config.json"
             )
+        check_activation(self.hidden_act, "hidden_act")
         if self.vision.out_hidden_size != self.hidden_size:
             raise ValueError(
                 f"vision_config.hidden_size ({self.vision.out_hidden_size}) must equal the language model's "
@@ -166,6 +171,8 @@ class Qwen2VLModelConfig:
             checkpoint_dtype=str(dtype) if dtype is not None else None,
             bos_token_id=text.get("bos_token_id", d.get("bos_token_id")),
             eos_token_ids=eos_ids,
+            hidden_act=str(text.get("hidden_act", "silu")),
+            rope_scaling=RopeScaling.from_rope_parameters(rope, "text_config.rope_parameters"),
         )
 
 

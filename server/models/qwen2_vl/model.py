@@ -20,7 +20,7 @@ from torch import nn
 import kernels
 from server.models.interfaces import KVCacheSpec
 from server.models.layers.decoder import TextDecoder
-from server.models.layers.rotary import mrope_cos_sin, rope_inv_freq
+from server.models.layers.rotary import mrope_cos_sin, scaled_rope_inv_freq
 from server.models.layers.weights import IGNORED_SUFFIXES, WeightLoadTracker
 from server.models.qwen2_vl.config import Qwen2VLModelConfig
 from server.models.qwen2_vl.image_processor import uint8_tensor
@@ -50,7 +50,7 @@ class Qwen2VLForConditionalGeneration(nn.Module):
         c = config
         self.language_model = TextDecoder(
             c.vocab_size, c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads,
-            c.num_key_value_heads, c.head_dim, c.rms_norm_eps, qkv_bias=True, dtype=dtype, device=meta,
+            c.num_key_value_heads, c.head_dim, c.rms_norm_eps, qkv_bias=True, dtype=dtype, device=meta, act=c.hidden_act,
         )
         self.lm_head: nn.Linear | None = None
         self._luts: dict[bytes, torch.Tensor] = {}  # normalisation tables on the device, by content
@@ -138,7 +138,8 @@ class Qwen2VLForConditionalGeneration(nn.Module):
         only: the same on all axes) → final-normed hidden [T, hidden]."""
         inv_freq = self._inv_freq
         if inv_freq is None or inv_freq.device != inputs_embeds.device:
-            inv_freq = self._inv_freq = rope_inv_freq(self.config.head_dim, self.config.rope_theta, inputs_embeds.device)
+            c = self.config
+            inv_freq = self._inv_freq = scaled_rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling, inputs_embeds.device)
         cos, sin = mrope_cos_sin(positions, inv_freq, self.config.mrope_section)  # [T, D/2] float32
         return self.language_model(inputs_embeds, cos, sin, batch)
 

@@ -16,13 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
+from server.models.layers.activation import activation
 from server.models.layers.attention import segment_cu_seqlens, vision_attention
 from server.models.layers.rotary import rope_inv_freq, vision_patch_positions, vision_rotary_cos_sin
 from server.models.qwen2_vl.config import Qwen2VLVisionModelConfig
-
-
-def quick_gelu(x: torch.Tensor) -> torch.Tensor:
-    return x * torch.sigmoid(1.702 * x)
 
 
 class VisionAttention(nn.Module):
@@ -50,11 +47,12 @@ class VisionAttention(nn.Module):
 class VisionMLP(nn.Module):
     def __init__(self, cfg: Qwen2VLVisionModelConfig, dtype: torch.dtype, device: torch.device | str) -> None:
         super().__init__()
+        self.act = activation(cfg.hidden_act)  # quick_gelu in the published checkpoints
         self.fc1 = nn.Linear(cfg.embed_dim, cfg.mlp_hidden_dim, dtype=dtype, device=device)
         self.fc2 = nn.Linear(cfg.mlp_hidden_dim, cfg.embed_dim, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(quick_gelu(self.fc1(x)))
+        return self.fc2(self.act(self.fc1(x)))
 
 
 class VisionBlock(nn.Module):

@@ -8,7 +8,8 @@ import torch
 from transformers.models.mllama.modeling_mllama import MllamaRotaryEmbedding
 
 from server.models.mllama.config import MllamaModelConfig
-from server.models.mllama.model import MllamaForConditionalGeneration, llama3_inv_freq
+from server.models.layers.rotary import scaled_rope_inv_freq
+from server.models.mllama.model import MllamaForConditionalGeneration
 
 VISION_11B = {
     "attention_heads": 16, "hidden_act": "gelu", "hidden_size": 1280, "image_size": 560,
@@ -54,7 +55,7 @@ def test_transformers5_rope_parameters_layout_parses_the_same() -> None:
 
 def test_llama3_inv_freq_equals_transformers(mllama_models) -> None:
     model, hf = mllama_models
-    ours = llama3_inv_freq(model.config.head_dim, model.config.rope_theta, model.config.rope_scaling, "cpu")
+    ours = scaled_rope_inv_freq(model.config.head_dim, model.config.rope_theta, model.config.rope_scaling, "cpu")
     expected = MllamaRotaryEmbedding(hf.config.text_config).inv_freq
     torch.testing.assert_close(ours, expected, atol=0, rtol=0)
     assert not torch.equal(ours, 1.0 / 500000.0 ** (torch.arange(0, 16, 2).float() / 16))  # scaling is applied

@@ -242,3 +242,74 @@ def test_images_change_the_logits(mllama_models, mllama_processor) -> None:
         caches.admit("r", prompt)
         out.append(caches.step([("r", 0, embeds(ours, prompt.prompt_token_ids))])[0])
     assert (out[0][-1] - out[1][-1]).abs().max() > 1e-2
+
+
+# --- config variations transformers accepts ----------------------------------------------
+
+CONFIG_VARIANTS = {
+    # Once ignored (SiLU / exact GELU always, unscaled "linear" RoPE) or refused (a negative
+    # intermediate layer index, which transformers reads from the end).
+    "activations_rope_negative_index": dict(
+        text={"hidden_act": "gelu_pytorch_tanh", "rope_parameters": {"rope_type": "linear", "factor": 4.0,
+                                                                      "rope_theta": 1e4}},
+        vision={"hidden_act": "quick_gelu", "intermediate_layers_indices": [-1, 0], "vision_output_dim": 96},
+    ),
+    # No cross-attention layer at all: building the engine once divided by a zero cross block size.
+    "no_cross_layers": dict(text={"cross_attention_layers": [], "num_hidden_layers": 3}, vision={}),
+}
+
+
+def _variant_checkpoint(mllama_ckpt, variant: str, tmp_path):
+    import json
+    import shutil
+
+    from transformers import MllamaConfig
+    from transformers import MllamaForConditionalGeneration as HFMllama
+
+    from tests.models.conftest import save_random_hf_model
+
+    d = json.loads((mllama_ckpt / "config.json").read_text())
+    for sub, values in CONFIG_VARIANTS[variant].items():
+        d[f"{sub}_config"].update(values)
+    d.pop("torch_dtype")
+    hf = HFMllama(MllamaConfig(**d)).float().eval()
+    ckpt = save_random_hf_model(hf, tmp_path)
+    for f in mllama_ckpt.iterdir():
+        if f.suffix == ".json" and f.name not in ("config.json", "generation_config.json"):
+            shutil.copy(f, ckpt / f.name)
+    return hf, ckpt
+
+
+@pytest.mark.parametrize("variant", list(CONFIG_VARIANTS))
+@torch.inference_mode()
+def test_config_variant_prompt_logits_match_transformers(mllama_ckpt, variant: str, tmp_path) -> None:
+    import json
+
+    from server.models.loader import load_model
+    from server.models.mllama.processor import MllamaProcessor
+
+    hf, ckpt = _variant_checkpoint(mllama_ckpt, variant, tmp_path)
+    ours, _ = load_model(ckpt, dtype=torch.float32, device="cpu", progress=False)
+    processor = MllamaProcessor(ckpt, json.loads((ckpt / "config.json").read_text()))
+    prompt = render(processor, CASES["two_images_separate"])
+    expected = hf(**hf_inputs(processor, prompt)).logits[0]
+
+    caches = Caches(ours)
+    caches.admit("r", prompt)
+    (logits,) = caches.step([("r", 0, embeds(ours, prompt.prompt_token_ids))])
+
+    torch.testing.assert_close(logits, expected, atol=ATOL, rtol=RTOL)
+
+
+def test_engine_without_cross_layers_sizes_its_cross_cache_and_serves_images(mllama_ckpt, tmp_path) -> None:
+    from server.engine.sampling_params import SamplingParams
+    from tests.utils import make_llm
+
+    hf, ckpt = _variant_checkpoint(mllama_ckpt, "no_cross_layers", tmp_path)
+    llm = make_llm(ckpt, num_kv_blocks=None, kv_cache_memory_gb=0.01)  # cross blocks sized from memory
+    prompt = render(llm.processor, CASES["one_image"])
+    (ours,) = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    with torch.inference_mode():
+        expected = hf.generate(**hf_inputs(llm.processor, prompt), max_new_tokens=4, do_sample=False,
+                               eos_token_id=None, pad_token_id=0)
+    assert ours.token_ids == expected[0, len(prompt.prompt_token_ids):].tolist()

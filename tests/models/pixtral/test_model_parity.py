@@ -9,14 +9,20 @@ Linear patch embedding instead of Conv2d).
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 import torch
-from transformers import GenerationConfig, LlavaForConditionalGeneration
+from transformers import GenerationConfig, LlavaConfig, LlavaForConditionalGeneration
 
+from server.engine.builder import context_length
 from server.models.loader import load_model
+from server.models.pixtral.config import PixtralModelConfig
 from server.models.pixtral.model import PixtralForConditionalGeneration
 from server.models.pixtral.processor import PixtralProcessor
 from server.multimodal.inputs import ProcessedPrompt
+from tests.models.conftest import save_random_hf_model
 from tests.models.pixtral.conftest import CHATS, chat_images
 from tests.models.pixtral.paged import PagedKV, greedy_decode, prompt_embeds, run_step
 
@@ -131,3 +137,61 @@ def test_requests_batched_together_give_the_same_logits_as_alone(ours, processor
 
     torch.testing.assert_close(a_step, a_alone, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(torch.cat([b_chunk1, b_chunk2]), b_alone, atol=1e-5, rtol=1e-5)
+
+
+# --- config variations transformers accepts ----------------------------------------------
+
+CONFIG_VARIANTS = {
+    # Once refused: a list of feature layers (concatenated), other projector/vision activations,
+    # no projector bias.
+    "vision_and_projector": dict(
+        top={"vision_feature_layer": [-1, 0], "projector_hidden_act": "silu", "multimodal_projector_bias": False},
+        vision={"hidden_act": "silu"},
+    ),
+    # Once ignored (SiLU, unscaled RoPE) or refused (MistralConfig's default sliding_window 4096).
+    "text": dict(top={}, text={"hidden_act": "gelu", "sliding_window": 4096,
+                               "rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}),
+}
+
+
+def _variant_config(tiny_hf, variant: str) -> dict:
+    spec = CONFIG_VARIANTS[variant]
+    d = json.loads((tiny_hf / "config.json").read_text())
+    d.update(spec["top"])
+    d["text_config"].update(spec.get("text", {}))
+    d["vision_config"].update(spec.get("vision", {}))
+    d.pop("torch_dtype")
+    return d
+
+
+def _variant_checkpoint(tiny_hf, variant: str, tmp_path):
+    hf = LlavaForConditionalGeneration(LlavaConfig(**_variant_config(tiny_hf, variant))).float().eval()
+    ckpt = save_random_hf_model(hf, tmp_path)
+    for f in tiny_hf.iterdir():
+        if f.suffix == ".json" and f.name not in ("config.json", "generation_config.json"):
+            shutil.copy(f, ckpt / f.name)
+    return hf, ckpt
+
+
+@pytest.mark.parametrize("variant", list(CONFIG_VARIANTS))
+@torch.inference_mode()
+def test_config_variant_prompt_logits_match_transformers(tiny_hf, variant: str, tmp_path) -> None:
+    hf, ckpt = _variant_checkpoint(tiny_hf, variant, tmp_path)
+    ours, _ = load_model(ckpt, dtype=torch.float32, device="cpu", progress=False)
+    processor = PixtralProcessor(ckpt, json.loads((ckpt / "config.json").read_text()))
+    prompt = processor.render_chat(CHATS["two_images"][0], chat_images("two_images"))
+    expected = hf(**hf_inputs(prompt)).logits[0]
+
+    (logits,) = run_step(ours, PagedKV(ours), [("r", 0, prompt_embeds(ours, prompt))])
+
+    torch.testing.assert_close(logits, expected, atol=ATOL, rtol=RTOL)
+
+
+def test_sliding_window_caps_the_context_at_the_window(tiny_hf) -> None:
+    """Full attention equals sliding-window attention only within the window."""
+    cfg = PixtralModelConfig.from_hf_config(_variant_config(tiny_hf, "text"))
+    assert cfg.sliding_window == 4096 < cfg.max_position_embeddings
+    assert context_length(None, cfg) == 4096
+    assert context_length(2048, cfg) == 2048
+    with pytest.raises(ValueError, match="--max-model-len 4096 or less"):
+        context_length(8192, cfg)

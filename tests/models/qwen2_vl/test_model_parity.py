@@ -293,3 +293,34 @@ def test_embed_multimodal_explains_inconsistent_items(models, change, message) -
     item.data.update(change)
     with pytest.raises(ValueError, match=message):
         ours.embed_multimodal([item])
+
+
+# --- config variations transformers accepts ----------------------------------------------
+
+CONFIG_VARIANTS = {
+    # text_config.hidden_act / vision_config.hidden_act were once ignored (SiLU / quick GELU always).
+    "activations": dict(text={"hidden_act": "gelu_pytorch_tanh"}, vision={"hidden_act": "gelu"}),
+    # rope_type "linear" was once ignored: unscaled frequencies.
+    "linear_rope": dict(text={"rope_parameters": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e4,
+                                                  "mrope_section": [2, 3, 3]}}),
+}
+
+
+@pytest.mark.parametrize("variant", list(CONFIG_VARIANTS))
+@torch.inference_mode()
+def test_config_variant_prompt_logits_match_transformers(variant: str, tmp_path) -> None:
+    from tests.models.conftest import save_random_hf_model, tiny_hf_config
+
+    cfg = tiny_hf_config()
+    for sub, values in CONFIG_VARIANTS[variant].items():
+        for key, value in values.items():
+            setattr(getattr(cfg, f"{sub}_config"), key, value)
+    hf = HFQwen2VL(cfg).float().eval()
+    ours, _ = load_model(save_random_hf_model(hf, tmp_path), dtype=torch.float32, device="cpu", progress=False)
+    prompt = build_prompt(ours.config, PROMPTS["two_images_interleaved"], seed=3)
+    expected = hf(**hf_inputs(prompt)).logits[0]
+    positions, _ = mrope_positions(hf, prompt)
+
+    (logits,) = run_step(ours, PagedKV(ours), [("r", 0, prompt_embeds(ours, prompt), positions)])
+
+    torch.testing.assert_close(logits, expected, atol=ATOL, rtol=RTOL)
