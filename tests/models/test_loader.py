@@ -198,6 +198,21 @@ def test_mrope_section_not_summing_to_half_head_dim_is_rejected(make_hf_tiny) ->
         Qwen2VLModelConfig.from_hf_config(config)
 
 
+def test_qwen2_vl_sliding_window_layers_cap_the_context(make_hf_tiny) -> None:
+    from server.engine.builder import context_length
+
+    config = json.loads((make_hf_tiny(seed=0) / "config.json").read_text())
+    text = config["text_config"]
+    text.pop("layer_types", None)
+    text.update(use_sliding_window=False, sliding_window=64, max_window_layers=0)
+    assert Qwen2VLModelConfig.from_hf_config(config).sliding_window is None  # the published default
+    text.update(use_sliding_window=True)
+    cfg = Qwen2VLModelConfig.from_hf_config(config)
+    assert cfg.sliding_window == 64 and context_length(None, cfg) == 64
+    text["layer_types"] = ["full_attention"] * text["num_hidden_layers"]  # saved by transformers: it wins
+    assert Qwen2VLModelConfig.from_hf_config(config).sliding_window is None
+
+
 def test_unknown_architecture_lists_the_supported_ones() -> None:
     with pytest.raises(ValueError, match="unsupported model architecture 'GPT2LMHeadModel'") as err:
         family_for_config({"architectures": ["GPT2LMHeadModel"]})

@@ -101,6 +101,10 @@ class Qwen2VLModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     hidden_act: str = "silu"  # the text MLP's gate activation
     rope_scaling: RopeScaling | None = None  # of the text M-RoPE's frequencies
+    # Set when some decoder layer uses sliding-window attention (use_sliding_window, or
+    # layer_types): we attend fully, which matches it only up to the window, so the engine
+    # caps the context there (`server.engine.builder.context_length`).
+    sliding_window: int | None = None
 
     @property
     def head_dim(self) -> int:
@@ -173,7 +177,21 @@ class Qwen2VLModelConfig:
             eos_token_ids=eos_ids,
             hidden_act=str(text.get("hidden_act", "silu")),
             rope_scaling=RopeScaling.from_rope_parameters(rope, "text_config.rope_parameters"),
+            sliding_window=_sliding_window(text),
         )
+
+
+def _sliding_window(text: dict[str, Any]) -> int | None:
+    """The window, if any layer slides: transformers' `layer_types` when saved, else its rule
+    (with use_sliding_window, layers from max_window_layers on)."""
+    window = text.get("sliding_window")
+    layer_types = text.get("layer_types")
+    if layer_types is not None:
+        sliding = "sliding_attention" in layer_types
+    else:
+        num_layers = int(text.get("num_hidden_layers", 0))
+        sliding = bool(text.get("use_sliding_window")) and int(text.get("max_window_layers", num_layers)) < num_layers
+    return int(window) if sliding and window else None
 
 
 def _require(d: dict[str, Any], key: str, where: str) -> Any:
