@@ -5,9 +5,10 @@ are checked when the request becomes a `SamplingParams` (`server/api/sampling.py
 an out-of-range value is a 400 that names the allowed range.
 
 Unknown request fields are ignored, as vLLM and OpenAI's own server do, so that clients
-sending newer or vendor-specific fields keep working. Known OpenAI fields whose behaviour
-we do not implement are rejected with a 400 by `unsupported_param` instead of being
-silently dropped, since ignoring them would change the answer.
+sending newer or vendor-specific fields keep working. Known OpenAI fields and vLLM
+extensions whose behaviour we do not implement are rejected with a 400 by
+`unsupported_param` instead of being silently dropped, since ignoring them would change the
+answer; their neutral values (false, null, the default) pass.
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ class ChatMessage(OpenAIModel):
 
 class StreamOptions(OpenAIModel):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's; not implemented (refused when true)
 
 
 # ---- requests --------------------------------------------------------------------------
@@ -90,6 +92,10 @@ class StreamOptions(OpenAIModel):
 
 class SamplingRequest(OpenAIModel):
     """Fields shared by chat and text completions (OpenAI's, then vLLM's extensions)."""
+
+    # Unknown fields are kept (in `model_extra`) only so `unsupported_param` can refuse the
+    # vLLM extensions we do not implement; nothing else reads them.
+    model_config = ConfigDict(extra="allow")
 
     model: str
     n: int | None = 1
@@ -168,10 +174,32 @@ class CompletionRequest(SamplingRequest):
         return self.logprobs, "logprobs"
 
 
+def _neutral(value: Any, default: Any = None) -> bool:
+    return value is None or value == default or (value is False and default is None) or value == [] or value == {}
+
+
+# vLLM request extensions we do not implement, with their neutral value (sent by vLLM-based
+# tools with defaults filled in; any other value would change the answer).
+_VLLM_UNSUPPORTED: dict[str, Any] = {
+    "prompt_logprobs": None, "use_beam_search": False, "length_penalty": 1.0, "truncate_prompt_tokens": None,
+    "guided_json": None, "guided_regex": None, "guided_choice": None, "guided_grammar": None,
+    "guided_decoding_backend": None, "guided_whitespace_pattern": None, "structured_outputs": None,
+    "bad_words": None, "allowed_token_ids": None, "logits_processors": None, "priority": 0,
+    "continue_final_message": False, "chat_template": None, "documents": None, "mm_processor_kwargs": None,
+    "return_tokens_as_token_ids": False, "vllm_xargs": None,
+}
+
+
 def unsupported_param(request: SamplingRequest) -> tuple[str, str] | None:
     """(param, message) for the first field set to a behaviour we do not implement."""
     if request.logit_bias:
         return "logit_bias", "logit_bias is not supported; remove it"
+    for name, neutral in _VLLM_UNSUPPORTED.items():
+        value = (request.model_extra or {}).get(name)
+        if not _neutral(value, neutral):
+            return name, f"{name} is not supported by this server; remove it (or send {neutral!r})"
+    if request.stream_options is not None and request.stream_options.continuous_usage_stats:
+        return "stream_options", "stream_options.continuous_usage_stats is not supported; usage comes in the last chunk"
     if isinstance(request, ChatCompletionRequest):
         if request.tools or request.functions:
             return "tools", "tool calling is not supported; remove tools/functions"
@@ -188,6 +216,11 @@ def unsupported_param(request: SamplingRequest) -> tuple[str, str] | None:
             return "prediction", "predicted outputs are not supported; remove prediction"
         if request.top_logprobs is not None and not request.logprobs:
             return "top_logprobs", "top_logprobs needs logprobs: true"
+        extra = request.model_extra or {}
+        if extra.get("echo"):
+            return "echo", "echo is not supported; prepend the prompt to the reply yourself"
+        if not _neutral(extra.get("best_of"), request.n or 1):
+            return "best_of", "best_of is not supported; use n to get several completions"
     if isinstance(request, CompletionRequest):
         if request.echo:
             return "echo", "echo is not supported; prepend the prompt to the completion yourself"

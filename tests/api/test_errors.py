@@ -138,6 +138,17 @@ async def test_max_tokens_beyond_the_context_names_both_numbers(client, engine):
     ({"modalities": ["text", "audio"]}, "modalities"),
     ({"prediction": {"type": "content", "content": "x"}}, "prediction"),
     ({"top_logprobs": 2}, "top_logprobs"),
+    # vLLM's extensions that we do not implement.
+    ({"prompt_logprobs": 1}, "prompt_logprobs"),
+    ({"use_beam_search": True}, "use_beam_search"),
+    ({"guided_json": {"type": "object"}}, "guided_json"),
+    ({"guided_choice": ["a", "b"]}, "guided_choice"),
+    ({"continue_final_message": True}, "continue_final_message"),
+    ({"truncate_prompt_tokens": 5}, "truncate_prompt_tokens"),
+    ({"priority": 3}, "priority"),
+    ({"echo": True}, "echo"),
+    ({"best_of": 3}, "best_of"),
+    ({"stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}, "stream_options"),
 ])
 async def test_unsupported_behaviour_changing_params_are_400(client, extra, param):
     err = _error(await client.post("/v1/chat/completions", json=_chat(**extra)), 400)
@@ -147,6 +158,11 @@ async def test_unsupported_behaviour_changing_params_are_400(client, extra, para
 async def test_harmless_values_of_those_params_are_accepted(client):
     r = await client.post("/v1/chat/completions", json=_chat(
         tool_choice="none", response_format={"type": "text"}, logit_bias={}, modalities=["text"], user="u1"))
+    assert r.status_code == 200, r.text
+    # vLLM-based tools send its extensions with their defaults filled in; unknown fields pass.
+    r = await client.post("/v1/chat/completions", json=_chat(
+        use_beam_search=False, length_penalty=1.0, priority=0, prompt_logprobs=None, best_of=1, echo=False,
+        continue_final_message=False, guided_json=None, bad_words=[], cache_salt="s", some_future_field=1))
     assert r.status_code == 200, r.text
 
 
