@@ -4,6 +4,7 @@ vision embed 32, 2 heads, 2 layers; mrope_section [2, 3, 3] sums to head_dim / 2
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -85,10 +86,11 @@ def make_hf_tiny(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path
     return make
 
 
-def save_random_hf_model(model: torch.nn.Module, out_dir: Path, seed: int = 0) -> Path:
+def save_random_hf_model(model: torch.nn.Module, out_dir: Path, seed: int = 0, files_from: Path | None = None) -> Path:
     """Give a transformers model built from a config random weights at scales that keep greedy
     decoding clear of near-ties (matrices ~1.2 / sqrt(fan_in), embeddings 0.5, norms ~1,
-    Mllama-style gates ~tanh(0.7)), then `save_pretrained` it to `out_dir`."""
+    Mllama-style gates ~tanh(0.7)), then `save_pretrained` it to `out_dir`. `files_from`: a
+    checkpoint whose tokenizer and processor JSON files are copied in beside it."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -102,4 +104,8 @@ def save_random_hf_model(model: torch.nn.Module, out_dir: Path, seed: int = 0) -
             else:
                 p.copy_(torch.randn(p.shape, generator=gen) * (0.5 if "class_embedding" in name else 0.05))
     model.save_pretrained(out_dir)
+    if files_from is not None:
+        for f in Path(files_from).iterdir():
+            if f.suffix == ".json" and f.name not in ("config.json", "generation_config.json"):
+                shutil.copy(f, Path(out_dir) / f.name)
     return Path(out_dir)

@@ -261,7 +261,6 @@ CONFIG_VARIANTS = {
 
 def _variant_checkpoint(mllama_ckpt, variant: str, tmp_path):
     import json
-    import shutil
 
     from transformers import MllamaConfig
     from transformers import MllamaForConditionalGeneration as HFMllama
@@ -273,11 +272,7 @@ def _variant_checkpoint(mllama_ckpt, variant: str, tmp_path):
         d[f"{sub}_config"].update(values)
     d.pop("torch_dtype")
     hf = HFMllama(MllamaConfig(**d)).float().eval()
-    ckpt = save_random_hf_model(hf, tmp_path)
-    for f in mllama_ckpt.iterdir():
-        if f.suffix == ".json" and f.name not in ("config.json", "generation_config.json"):
-            shutil.copy(f, ckpt / f.name)
-    return hf, ckpt
+    return hf, save_random_hf_model(hf, tmp_path, files_from=mllama_ckpt)
 
 
 @pytest.mark.parametrize("variant", list(CONFIG_VARIANTS))

@@ -10,7 +10,6 @@ Linear patch embedding instead of Conv2d).
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -166,11 +165,7 @@ def _variant_config(tiny_hf, variant: str) -> dict:
 
 def _variant_checkpoint(tiny_hf, variant: str, tmp_path):
     hf = LlavaForConditionalGeneration(LlavaConfig(**_variant_config(tiny_hf, variant))).float().eval()
-    ckpt = save_random_hf_model(hf, tmp_path)
-    for f in tiny_hf.iterdir():
-        if f.suffix == ".json" and f.name not in ("config.json", "generation_config.json"):
-            shutil.copy(f, ckpt / f.name)
-    return hf, ckpt
+    return hf, save_random_hf_model(hf, tmp_path, files_from=tiny_hf)
 
 
 @pytest.mark.parametrize("variant", list(CONFIG_VARIANTS))
