@@ -173,3 +173,23 @@ def test_cost_per_token_does_not_grow_with_output_length(tok):
     assert out == TEXT * 40
     assert counting.calls <= 2 * len(ids) + 2
     assert counting.max_window <= 8  # the window spans one character's bytes plus context
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_fast_path_decodes_exactly_as_the_tokenizer_does(tok, skip):
+    """Fast tokenizers are decoded by their Rust tokenizer directly; random id streams (special
+    tokens, split characters included) give the same deltas as through `tokenizer.decode`."""
+    import random
+
+    from server.engine import detokenizer
+
+    fast = detokenizer._ids_decoder(tok, skip)
+    assert fast.__code__ is not detokenizer._ids_decoder(_CountingTokenizer(tok), skip).__code__  # it is taken
+    rng = random.Random(7)
+    params = SamplingParams(skip_special_tokens=skip)
+    for _ in range(20):
+        ids = [rng.randrange(len(tok)) for _ in range(rng.randrange(1, 30))]
+        assert fast(ids) == tok.decode(ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False)
+        got = IncrementalDetokenizer(tok, [1, 2], params)
+        ref = IncrementalDetokenizer(_CountingTokenizer(tok), [1, 2], params)
+        assert [got.update([i])[0] for i in ids] + [got.flush()] == [ref.update([i])[0] for i in ids] + [ref.flush()]
