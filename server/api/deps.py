@@ -2,6 +2,9 @@
 
 Authentication is not among them: it runs as `ApiKeyMiddleware`, before the body is
 read (see `server/api/middleware.py`).
+
+They are `async def` on purpose: FastAPI runs a plain `def` dependency in its thread pool,
+a thread hop and two event-loop turns per dependency per request for an attribute read.
 """
 
 from __future__ import annotations
@@ -16,19 +19,19 @@ from server.engine.client import EngineClient
 from server.multimodal.media import MediaLoader
 
 
-def get_engine(request: Request) -> EngineClient:
+async def get_engine(request: Request) -> EngineClient:
     return request.app.state.engine
 
 
-def get_config(request: Request) -> ServerConfig:
+async def get_config(request: Request) -> ServerConfig:
     return request.app.state.config
 
 
-def get_media(request: Request) -> MediaLoader:
+async def get_media(request: Request) -> MediaLoader:
     return request.app.state.media
 
 
-def get_token_renderer(request: Request) -> TokenRenderer:
+async def get_token_renderer(request: Request) -> TokenRenderer:
     return request.app.state.token_renderer
 
 
