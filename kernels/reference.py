@@ -193,9 +193,7 @@ def paged_attention(
         rows = plan.decode_rows
         out[rows] = _decode_attention(q[rows], k_cache, v_cache, plan.decode_blocks, plan.decode_pad, scale)
     for s, e, blocks, seq_len, mask in plan.prefills:
-        k = k_cache.index_select(0, blocks).flatten(0, 1)[:seq_len]
-        v = v_cache.index_select(0, blocks).flatten(0, 1)[:seq_len]
-        out[s:e] = _attend(q[s:e], k, v, scale, mask)
+        out[s:e] = _attend(q[s:e], gather_kv(k_cache, blocks, seq_len), gather_kv(v_cache, blocks, seq_len), scale, mask)
     return out
 
 

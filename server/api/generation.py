@@ -70,9 +70,9 @@ async def generate_choices(
             try:
                 async for out in stream:
                     yield 0, _checked(out, ids[0])
-            except (APIError, GeneratorExit, asyncio.CancelledError):
+            except APIError:
                 raise
-            except BaseException as e:
+            except Exception as e:  # what a pump hands on (`_pump`)
                 _checked(e, ids[0])
         finally:
             await stream.aclose()  # type: ignore[attr-defined]

@@ -17,7 +17,7 @@ from typing import Any
 
 from server.api.errors import APIError
 from server.api.protocol import SamplingRequest
-from server.engine.sampling_params import MAX_TOP_K, SEED_RANGE, SamplingParams
+from server.engine.sampling_params import SEED_RANGE, SamplingParams
 
 MAX_TOP_LOGPROBS = 20
 MAX_N = 128
@@ -99,9 +99,6 @@ def build_sampling_params(
     if len(request.stop_token_ids or ()) > MAX_STOP_TOKEN_IDS:
         raise APIError(f"stop_token_ids has {len(request.stop_token_ids or ())} ids; at most "
                        f"{MAX_STOP_TOKEN_IDS} are allowed", param="stop_token_ids")
-    if request.top_k is not None and request.top_k > MAX_TOP_K:
-        raise APIError(f"top_k must be -1, 0 (disabled) or in [1, {MAX_TOP_K}], got {request.top_k}; "
-                       "any k at least the vocabulary size keeps every token", param="top_k")
 
     values: dict[str, Any] = {k: defaults[k] for k in _DEFAULTABLE if defaults.get(k) is not None}
     for key in _DEFAULTABLE:

@@ -2,8 +2,9 @@
 `engine_mode`), wait until the core serves, then serve the app with uvicorn.
 
 The core is stopped on every way out of `run_server`: uvicorn's SIGTERM/SIGINT shutdown (after
-`--drain-seconds` of serving with /ready at 503, when set), an error, or a failed start. If this process is killed outright, the engine-core process sees
-its pipe close and exits by itself.
+`--drain-seconds` of serving with /ready at 503, when set), an error, or a failed start. If
+this process is killed outright, the engine-core process sees its pipe close and exits by
+itself.
 """
 
 from __future__ import annotations

@@ -153,7 +153,7 @@ class Scheduler:
             request.status = RequestStatus.FINISHED_ERROR
             failed.add(req_id)
             self._free_request(request, uncache=True)
-            outputs.append(EngineCoreOutput(req_id=req_id, new_token_ids=[], finish_reason="error"))
+            outputs.append(EngineCoreOutput(req_id=req_id, new_token_ids=[], finish_reason=FINISH_REASONS[request.status]))
         self.running = [r for r in self.running if r.request_id not in failed]
         for content_hash in to_encode:
             self.encoder_cache.discard(content_hash)
