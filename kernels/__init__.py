@@ -12,11 +12,27 @@ Switching backends touches no model code.
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from typing import Callable
+
+if __name__ == "kernels":
+    # This folder was found as a top-level `kernels` because a checkout's root is on sys.path
+    # (`python -m pytest` or `python -m vlmserve` run from it). That name belongs to the Hub's
+    # `kernels` distribution, which transformers imports: hand the import over to it. What
+    # follows then only fills this stray module object, which nothing keeps.
+    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _saved_path = sys.path[:]
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _root]
+    del sys.modules["kernels"]
+    try:
+        sys.modules["kernels"] = importlib.import_module("kernels")
+    finally:
+        sys.path[:] = _saved_path
 
 import torch
 
-from kernels import reference
+from vlmserve.kernels import reference
 
 BACKENDS = ("auto", "triton", "torch")
 _backend = "auto"
@@ -37,9 +53,9 @@ def get_backend() -> str:
 def _triton_op(name: str) -> Callable | None:
     if name not in _triton_ops:
         try:
-            module = importlib.import_module(f"kernels.{name}")
+            module = importlib.import_module(f"vlmserve.kernels.{name}")
         except ModuleNotFoundError as e:
-            if e.name != f"kernels.{name}":
+            if e.name != f"vlmserve.kernels.{name}":
                 raise
             module = None
         _triton_ops[name] = getattr(module, name, None) if module else None
@@ -130,6 +146,5 @@ class _KernelPackage(type(importlib)):
         super().__setattr__(name, value)
 
 
-import sys as _sys  # noqa: E402
-
-_sys.modules[__name__].__class__ = _KernelPackage
+if __name__ == "vlmserve.kernels":
+    sys.modules[__name__].__class__ = _KernelPackage

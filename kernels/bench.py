@@ -1,4 +1,4 @@
-"""`python -m kernels.bench [--small] [--ops a,b]`: check every Triton kernel against its
+"""`python -m vlmserve.kernels.bench [--small] [--ops a,b]`: check every Triton kernel against its
 PyTorch reference and, on CUDA, time both against the op's roofline.
 
 On CUDA (default sizes are Qwen2-VL-7B's: 28 q / 4 kv heads × 128, hidden 3584,
@@ -22,19 +22,19 @@ import torch
 # The interpreter must be chosen before triton's first import (the kernel modules import it).
 if not torch.cuda.is_available():
     if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("kernels.bench: triton was imported before TRITON_INTERPRET=1 could be set")
+        raise RuntimeError("vlmserve.kernels.bench: triton was imported before TRITON_INTERPRET=1 could be set")
     os.environ["TRITON_INTERPRET"] = "1"
 
-from kernels import reference  # noqa: E402
-from kernels.cross_attention import cross_attention  # noqa: E402
-from kernels.merge_embeddings import merge_embeddings  # noqa: E402
-from kernels.normalize_patchify import normalize_patchify  # noqa: E402
-from kernels.paged_attention import paged_attention  # noqa: E402
-from kernels.rms_norm import rms_norm  # noqa: E402
-from kernels.rotary import rotary  # noqa: E402
-from kernels.silu_and_mul import silu_and_mul  # noqa: E402
-from kernels.varlen_attention import varlen_attention  # noqa: E402
-from kernels.write_kv import write_kv  # noqa: E402
+from vlmserve.kernels import reference  # noqa: E402
+from vlmserve.kernels.cross_attention import cross_attention  # noqa: E402
+from vlmserve.kernels.merge_embeddings import merge_embeddings  # noqa: E402
+from vlmserve.kernels.normalize_patchify import normalize_patchify  # noqa: E402
+from vlmserve.kernels.paged_attention import paged_attention  # noqa: E402
+from vlmserve.kernels.rms_norm import rms_norm  # noqa: E402
+from vlmserve.kernels.rotary import rotary  # noqa: E402
+from vlmserve.kernels.silu_and_mul import silu_and_mul  # noqa: E402
+from vlmserve.kernels.varlen_attention import varlen_attention  # noqa: E402
+from vlmserve.kernels.write_kv import write_kv  # noqa: E402
 
 # (HBM bytes/s, dense bf16 FLOP/s) by a substring of the device name; H100 SXM by default.
 PEAKS = {"H200": (4.8e12, 989e12), "H100": (3.35e12, 989e12), "A100": (2.0e12, 312e12),

@@ -19,9 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import _interpreter as _it
-from kernels.reference import check_patchify_args
-from kernels.tuning import launch_config
+from vlmserve.kernels import _interpreter as _it
+from vlmserve.kernels.reference import check_patchify_args
+from vlmserve.kernels.tuning import launch_config
 
 
 @triton.jit

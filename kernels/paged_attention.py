@@ -21,9 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import _interpreter as _it
-from kernels.tuning import launch_config
-from kernels.varlen_attention import check_attention_qkv
+from vlmserve.kernels import _interpreter as _it
+from vlmserve.kernels.tuning import launch_config
+from vlmserve.kernels.varlen_attention import check_attention_qkv
 
 
 @triton.jit

@@ -11,8 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import _interpreter as _it
-from kernels.tuning import launch_config
+from vlmserve.kernels import _interpreter as _it
+from vlmserve.kernels.tuning import launch_config
 
 
 @triton.jit

@@ -12,9 +12,9 @@ import time
 import numpy as np
 from PIL import Image
 
-from server.config import EngineConfig
-from server.engine.llm import LLM
-from server.engine.sampling_params import SamplingParams
+from vlmserve.config import EngineConfig
+from vlmserve.engine.llm import LLM
+from vlmserve.engine.sampling_params import SamplingParams
 
 _WORDS = (
     "the a cat dog image photo shows what is in this picture describe colour red blue green small large "

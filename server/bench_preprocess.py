@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from server.models.qwen2_vl.image_processor import Qwen2VLImageProcessor
+from vlmserve.models.qwen2_vl.image_processor import Qwen2VLImageProcessor
 
 SIZES = ("224x224", "640x480", "1280x720", "1920x1080", "4032x3024")
 

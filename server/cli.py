@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from server.models.registry import TINY_MAKERS
+from vlmserve.models.registry import TINY_MAKERS
 
 DEMO_FAMILY = "qwen2_vl"
 
@@ -19,7 +19,7 @@ def demo_model_dir() -> Path:
     base = Path(os.environ.get("VLMSERVE_CACHE", Path.home() / ".cache" / "vlmserve"))
     path = base / "demo-qwen2-vl"
     if not (path / "model.safetensors").exists():
-        from server.models.qwen2_vl.tiny import make_tiny_qwen2_vl
+        from vlmserve.models.qwen2_vl.tiny import make_tiny_qwen2_vl
 
         logging.getLogger("vlmserve").info("making the built-in demo model at %s", path)
         make_tiny_qwen2_vl(path, seed=0)
@@ -70,7 +70,7 @@ MEDIA_FLAGS = (
 def _build_config(args: argparse.Namespace, server_flags: tuple[str, ...] = ()):
     from dataclasses import replace
 
-    from server.config import build_config
+    from vlmserve.config import build_config
 
     overrides = {k: getattr(args, k, None) for k in ENGINE_FLAGS + server_flags}
     config = build_config(args.config, model=args.model, **overrides)
@@ -80,7 +80,7 @@ def _build_config(args: argparse.Namespace, server_flags: tuple[str, ...] = ()):
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from server.api.server import run_server
+    from vlmserve.api.server import run_server
 
     if args.api_key is None:
         args.api_key = os.environ.get("VLMSERVE_API_KEY")
@@ -89,7 +89,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_make_tiny_model(args: argparse.Namespace) -> None:
-    from server.models.registry import make_tiny_model
+    from vlmserve.models.registry import make_tiny_model
 
     if args.format is not None and args.family != "pixtral":
         raise SystemExit("--format applies to --family pixtral only")
@@ -99,7 +99,7 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from server.bench import run_offline_bench
+    from vlmserve.bench import run_offline_bench
 
     config = _build_config(args)
     run_offline_bench(
@@ -114,7 +114,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def cmd_bench_preprocess(args: argparse.Namespace) -> None:
-    from server.bench_preprocess import run_preprocess_bench
+    from vlmserve.bench_preprocess import run_preprocess_bench
 
     run_preprocess_bench(num_images=args.num_images, workers=args.workers)
 
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"vlmserve: error: {e}", file=sys.stderr)
         sys.exit(2)
     except RuntimeError as e:
-        from server.engine.core_client import EngineStartupError
+        from vlmserve.engine.core_client import EngineStartupError
 
         if not isinstance(e, EngineStartupError):
             raise

@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from server.multimodal.media import MediaConfig
+from vlmserve.multimodal.media import MediaConfig
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def tiny_ckpt_factory(tmp_path_factory):
-    from server.models.qwen2_vl.tiny import make_tiny_qwen2_vl
+    from vlmserve.models.qwen2_vl.tiny import make_tiny_qwen2_vl
 
     cache: dict[int, Path] = {}
 
@@ -30,7 +30,7 @@ def tiny_ckpt(tiny_ckpt_factory) -> Path:
 @pytest.fixture(autouse=True)
 def _restore_kernel_backend():
     """Building an engine sets the process-wide kernel backend; give each test the default."""
-    import kernels
+    from vlmserve import kernels
 
     kernels.set_backend("auto")
     yield

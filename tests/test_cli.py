@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from server.cli import main
-from server.models.registry import TINY_MAKERS, family_for_config
+from vlmserve.cli import main
+from vlmserve.models.registry import TINY_MAKERS, family_for_config
 
 
 @pytest.mark.parametrize("family", sorted(TINY_MAKERS))

@@ -2,7 +2,7 @@
 
 import pytest
 
-from server.config import DEFAULT_MM_LIMITS, build_config, parse_mm_limits
+from vlmserve.config import DEFAULT_MM_LIMITS, build_config, parse_mm_limits
 
 
 def test_media_counts_are_bounded_by_default_and_a_flag_overrides_one_modality():

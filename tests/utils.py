@@ -18,8 +18,8 @@ from PIL import Image
 
 
 def make_llm(model_dir: Path, **overrides):
-    from server.config import EngineConfig
-    from server.engine.llm import LLM
+    from vlmserve.config import EngineConfig
+    from vlmserve.engine.llm import LLM
 
     base = dict(model=str(model_dir), num_kv_blocks=512, block_size=16, max_model_len=2048, kernel_backend="torch")
     base.update(overrides)
@@ -57,7 +57,7 @@ def launch_server(model_dir: Path, workdir: Path, *extra_args: str, env: dict | 
     port = _free_port()
     log = workdir / "server.log"
     full_env = dict(os.environ, VLMSERVE_CACHE=str(workdir / "cache"), **(env or {}))
-    args = [sys.executable, "-m", "server.cli", "serve", "--model", str(model_dir), "--port", str(port),
+    args = [sys.executable, "-m", "vlmserve.cli", "serve", "--model", str(model_dir), "--port", str(port),
             "--served-model-name", "tiny", "--num-kv-blocks", "256", "--max-model-len", "2048", *extra_args]
     with open(log, "w") as fh:
         proc = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, env=full_env)

@@ -13,7 +13,7 @@ import logging
 from functools import lru_cache
 from pathlib import Path
 
-from kernels._interpreter import INTERPRET
+from vlmserve.kernels._interpreter import INTERPRET
 
 logger = logging.getLogger(__name__)
 _PATH = Path(__file__).with_name("launch.json")

@@ -11,13 +11,13 @@ import time
 
 from fastapi import FastAPI
 
-from server.api.errors import install_exception_handlers
-from server.api.logprobs import TokenRenderer
-from server.api.middleware import ApiKeyMiddleware, BodySizeLimitMiddleware
-from server.api.routes import chat, completions, health, models, ops
-from server.config import ServerConfig
-from server.engine.client import EngineClient
-from server.multimodal.media import MediaLoader
+from vlmserve.api.errors import install_exception_handlers
+from vlmserve.api.logprobs import TokenRenderer
+from vlmserve.api.middleware import ApiKeyMiddleware, BodySizeLimitMiddleware
+from vlmserve.api.routes import chat, completions, health, models, ops
+from vlmserve.config import ServerConfig
+from vlmserve.engine.client import EngineClient
+from vlmserve.multimodal.media import MediaLoader
 
 
 def create_app(engine: EngineClient, config: ServerConfig, media: MediaLoader | None = None) -> FastAPI:

@@ -13,10 +13,10 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from server.api.logprobs import TokenRenderer
-from server.config import ServerConfig
-from server.engine.client import EngineClient
-from server.multimodal.media import MediaLoader
+from vlmserve.api.logprobs import TokenRenderer
+from vlmserve.config import ServerConfig
+from vlmserve.engine.client import EngineClient
+from vlmserve.multimodal.media import MediaLoader
 
 
 async def get_engine(request: Request) -> EngineClient:

@@ -19,12 +19,12 @@ from fastapi import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from server.api.errors import APIError, internal_error
-from server.api.sampling import params_for_choice
-from server.engine.client import EngineClient, RequestRejected
-from server.engine.outputs import RequestOutput, TokenLogprob
-from server.engine.sampling_params import SamplingParams
-from server.multimodal.inputs import ProcessedPrompt
+from vlmserve.api.errors import APIError, internal_error
+from vlmserve.api.sampling import params_for_choice
+from vlmserve.engine.client import EngineClient, RequestRejected
+from vlmserve.engine.outputs import RequestOutput, TokenLogprob
+from vlmserve.engine.sampling_params import SamplingParams
+from vlmserve.multimodal.inputs import ProcessedPrompt
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")

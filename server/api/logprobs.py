@@ -13,8 +13,8 @@ import re
 from functools import lru_cache
 from typing import Any
 
-from server.api.protocol import ChatLogprobs, CompletionLogprobs, TokenLogprobEntry, TopLogprob
-from server.engine.outputs import TokenLogprob
+from vlmserve.api.protocol import ChatLogprobs, CompletionLogprobs, TokenLogprobEntry, TopLogprob
+from vlmserve.engine.outputs import TokenLogprob
 
 # OpenAI reports -inf as this value; JSON has no infinities.
 MIN_LOGPROB = -9999.0

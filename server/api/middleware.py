@@ -14,7 +14,7 @@ import secrets
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.api.errors import error_json_bytes
+from vlmserve.api.errors import error_json_bytes
 
 PROTECTED_PREFIX = "/v1"
 

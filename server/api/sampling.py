@@ -15,9 +15,9 @@ import dataclasses
 import math
 from typing import Any
 
-from server.api.errors import APIError
-from server.api.protocol import SamplingRequest
-from server.engine.sampling_params import SEED_RANGE, SamplingParams
+from vlmserve.api.errors import APIError
+from vlmserve.api.protocol import SamplingRequest
+from vlmserve.engine.sampling_params import SEED_RANGE, SamplingParams
 
 MAX_TOP_LOGPROBS = 20
 MAX_N = 128

@@ -15,12 +15,12 @@ import signal
 
 import uvicorn
 
-from server.api.app import create_app
-from server.config import Config
-from server.engine.async_engine import AsyncEngine
-from server.engine.builder import build_core_client
-from server.engine.core_client import ProcessCoreClient
-from server.multimodal.media import MediaLoader
+from vlmserve.api.app import create_app
+from vlmserve.config import Config
+from vlmserve.engine.async_engine import AsyncEngine
+from vlmserve.engine.builder import build_core_client
+from vlmserve.engine.core_client import ProcessCoreClient
+from vlmserve.multimodal.media import MediaLoader
 
 logger = logging.getLogger("vlmserve")
 

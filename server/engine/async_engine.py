@@ -22,14 +22,14 @@ from typing import Any, AsyncIterator
 
 from PIL import Image
 
-from server.engine.client import RequestRejected
-from server.engine.core_client import CoreClient, StepResult
-from server.engine.detokenizer import IncrementalDetokenizer, text_token_ids
-from server.engine.metrics import EngineMetrics
-from server.engine.outputs import EngineCoreOutput, RequestOutput
-from server.engine.request import Request
-from server.engine.sampling_params import SamplingParams
-from server.multimodal.inputs import ProcessedPrompt
+from vlmserve.engine.client import RequestRejected
+from vlmserve.engine.core_client import CoreClient, StepResult
+from vlmserve.engine.detokenizer import IncrementalDetokenizer, text_token_ids
+from vlmserve.engine.metrics import EngineMetrics
+from vlmserve.engine.outputs import EngineCoreOutput, RequestOutput
+from vlmserve.engine.request import Request
+from vlmserve.engine.sampling_params import SamplingParams
+from vlmserve.multimodal.inputs import ProcessedPrompt
 
 logger = logging.getLogger(__name__)
 

@@ -19,14 +19,14 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-import kernels
-from server.config import EngineConfig
-from server.engine.core_client import CoreClient, ProcessCoreClient, ThreadCoreClient
-from server.engine.engine_core import EngineCore
-from server.engine.scheduler import Scheduler
-from server.models import registry
-from server.models.loader import load_model, read_hf_config, resolve_model_dir
-from server.runner.model_runner import ModelRunner, kv_block_bytes
+from vlmserve import kernels
+from vlmserve.config import EngineConfig
+from vlmserve.engine.core_client import CoreClient, ProcessCoreClient, ThreadCoreClient
+from vlmserve.engine.engine_core import EngineCore
+from vlmserve.engine.scheduler import Scheduler
+from vlmserve.models import registry
+from vlmserve.models.loader import load_model, read_hf_config, resolve_model_dir
+from vlmserve.runner.model_runner import ModelRunner, kv_block_bytes
 
 logger = logging.getLogger(__name__)
 

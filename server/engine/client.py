@@ -12,9 +12,9 @@ from typing import Any, AsyncIterator, Protocol
 
 from PIL import Image
 
-from server.engine.outputs import RequestOutput
-from server.engine.sampling_params import SamplingParams
-from server.multimodal.inputs import ProcessedPrompt
+from vlmserve.engine.outputs import RequestOutput
+from vlmserve.engine.sampling_params import SamplingParams
+from vlmserve.multimodal.inputs import ProcessedPrompt
 
 
 class RequestRejected(ValueError):
@@ -49,7 +49,7 @@ class EngineClient(Protocol):
     ) -> ProcessedPrompt:
         """`conversation` is HF-style: [{"role", "content": str | [{"type": "text", "text"} |
         {"type": "image"} | {"type": "video"}]}]; `images` are RGB, in the order of the image
-        parts; `videos` (`server.multimodal.video.VideoFrames`: uint8 frames [N, H, W, 3] and
+        parts; `videos` (`vlmserve.multimodal.video.VideoFrames`: uint8 frames [N, H, W, 3] and
         their sampled fps) in the order of the video parts. Raises ValueError with a
         user-facing message on bad input (too long, too many images)."""
 

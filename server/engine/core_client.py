@@ -36,9 +36,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from server.config import EngineConfig
-from server.engine.engine_core import EngineCore
-from server.engine.outputs import EngineCoreOutput
+from vlmserve.config import EngineConfig
+from vlmserve.engine.engine_core import EngineCore
+from vlmserve.engine.outputs import EngineCoreOutput
 
 logger = logging.getLogger(__name__)
 
@@ -307,7 +307,7 @@ def core_process_main(config: EngineConfig, model_dir: Path, down: Any, up: Any)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s [engine-core]: %(message)s")
     import torch
 
-    from server.engine.builder import build_core, resolve_device
+    from vlmserve.engine.builder import build_core, resolve_device
 
     if resolve_device(config.device).type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # The model runs on these CPUs too: leave one core to the API process (HTTP, media,

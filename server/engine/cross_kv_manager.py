@@ -8,8 +8,8 @@ prefix caching here: the rows are cheap to rewrite from the encoder cache.
 
 from __future__ import annotations
 
-from server.engine.block_pool import BlockPool
-from server.engine.request import Request
+from vlmserve.engine.block_pool import BlockPool
+from vlmserve.engine.request import Request
 
 
 class CrossKVManager:

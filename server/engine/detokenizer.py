@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-from server.engine.sampling_params import SamplingParams
+from vlmserve.engine.sampling_params import SamplingParams
 
 # Prompt tokens kept as decoding context for the first output tokens.
 _PROMPT_CONTEXT_TOKENS = 5

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from server.engine.request import Request
+from vlmserve.engine.request import Request
 
 
 class EncoderCacheManager:

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import logging
 
-from server.engine.outputs import EngineCoreOutput
-from server.engine.request import Request, RequestStatus
-from server.engine.scheduler import Scheduler
-from server.runner.model_runner import ModelRunner
+from vlmserve.engine.outputs import EngineCoreOutput
+from vlmserve.engine.request import Request, RequestStatus
+from vlmserve.engine.scheduler import Scheduler
+from vlmserve.runner.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from server.engine.block_pool import BlockPool, hash_block_tokens
-from server.engine.request import Request
+from vlmserve.engine.block_pool import BlockPool, hash_block_tokens
+from vlmserve.engine.request import Request
 
 
 def _cdiv(a: int, b: int) -> int:

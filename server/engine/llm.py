@@ -13,12 +13,12 @@ from typing import Any
 
 from PIL import Image
 
-from server.config import EngineConfig
-from server.engine.builder import build_engine
-from server.engine.detokenizer import IncrementalDetokenizer, text_token_ids
-from server.engine.request import Request
-from server.engine.sampling_params import SamplingParams
-from server.multimodal.inputs import ProcessedPrompt
+from vlmserve.config import EngineConfig
+from vlmserve.engine.builder import build_engine
+from vlmserve.engine.detokenizer import IncrementalDetokenizer, text_token_ids
+from vlmserve.engine.request import Request
+from vlmserve.engine.sampling_params import SamplingParams
+from vlmserve.multimodal.inputs import ProcessedPrompt
 
 
 @dataclass

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from server.engine.sampling_params import SamplingParams
-from server.multimodal.inputs import MultiModalItem
+from vlmserve.engine.sampling_params import SamplingParams
+from vlmserve.multimodal.inputs import MultiModalItem
 
 
 @dataclass

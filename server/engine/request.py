@@ -8,8 +8,8 @@ from __future__ import annotations
 import enum
 import time
 
-from server.engine.sampling_params import SamplingParams
-from server.multimodal.inputs import MultiModalItem, ProcessedPrompt
+from vlmserve.engine.sampling_params import SamplingParams
+from vlmserve.multimodal.inputs import MultiModalItem, ProcessedPrompt
 
 
 class RequestStatus(enum.IntEnum):

@@ -18,18 +18,18 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from server.config import EngineConfig
-from server.engine.cross_kv_manager import CrossKVManager
-from server.engine.encoder_cache_manager import EncoderCacheManager
-from server.engine.kv_cache_manager import KVCacheManager
-from server.engine.outputs import (
+from vlmserve.config import EngineConfig
+from vlmserve.engine.cross_kv_manager import CrossKVManager
+from vlmserve.engine.encoder_cache_manager import EncoderCacheManager
+from vlmserve.engine.kv_cache_manager import KVCacheManager
+from vlmserve.engine.outputs import (
     CachedRequestData,
     EngineCoreOutput,
     NewRequestData,
     RunnerOutput,
     SchedulerOutput,
 )
-from server.engine.request import FINISH_REASONS, Request, RequestStatus
+from vlmserve.engine.request import FINISH_REASONS, Request, RequestStatus
 
 
 @dataclass

@@ -27,8 +27,8 @@ from typing import Iterable, Protocol, runtime_checkable
 
 import torch
 
-from server.multimodal.inputs import MultiModalItem
-from server.runner.forward_batch import ForwardBatch
+from vlmserve.multimodal.inputs import MultiModalItem
+from vlmserve.runner.forward_batch import ForwardBatch
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from server.models.registry import family_for_config
+from vlmserve.models.registry import family_for_config
 
 logger = logging.getLogger(__name__)
 

@@ -44,34 +44,34 @@ FAMILIES: tuple[ModelFamily, ...] = (
     ModelFamily(
         name="qwen2_vl",
         architectures=("Qwen2VLForConditionalGeneration",),
-        config_class_path="server.models.qwen2_vl.config.Qwen2VLModelConfig",
-        model_class_path="server.models.qwen2_vl.model.Qwen2VLForConditionalGeneration",
-        processor_class_path="server.models.qwen2_vl.processor.Qwen2VLProcessor",
+        config_class_path="vlmserve.models.qwen2_vl.config.Qwen2VLModelConfig",
+        model_class_path="vlmserve.models.qwen2_vl.model.Qwen2VLForConditionalGeneration",
+        processor_class_path="vlmserve.models.qwen2_vl.processor.Qwen2VLProcessor",
     ),
     ModelFamily(
         name="pixtral",
         # "PixtralForConditionalGeneration": the name the loader gives a Mistral-format
         # checkpoint (params.json with a vision_encoder section; see loader.read_hf_config).
         architectures=("LlavaForConditionalGeneration", "PixtralForConditionalGeneration"),
-        config_class_path="server.models.pixtral.config.PixtralModelConfig",
-        model_class_path="server.models.pixtral.model.PixtralForConditionalGeneration",
-        processor_class_path="server.models.pixtral.processor.PixtralProcessor",
+        config_class_path="vlmserve.models.pixtral.config.PixtralModelConfig",
+        model_class_path="vlmserve.models.pixtral.model.PixtralForConditionalGeneration",
+        processor_class_path="vlmserve.models.pixtral.processor.PixtralProcessor",
         accepts=lambda cfg: "mistral_params" in cfg or (cfg.get("vision_config") or {}).get("model_type") == "pixtral",
     ),
     ModelFamily(
         name="mllama",
         architectures=("MllamaForConditionalGeneration",),
-        config_class_path="server.models.mllama.config.MllamaModelConfig",
-        model_class_path="server.models.mllama.model.MllamaForConditionalGeneration",
-        processor_class_path="server.models.mllama.processor.MllamaProcessor",
+        config_class_path="vlmserve.models.mllama.config.MllamaModelConfig",
+        model_class_path="vlmserve.models.mllama.model.MllamaForConditionalGeneration",
+        processor_class_path="vlmserve.models.mllama.processor.MllamaProcessor",
     ),
 )
 
 # family name -> import path of its tiny-checkpoint writer `(out_dir, seed=..., **kw) -> Path`.
 TINY_MAKERS: dict[str, str] = {
-    "qwen2_vl": "server.models.qwen2_vl.tiny.make_tiny_qwen2_vl",
-    "pixtral": "server.models.pixtral.tiny.make_tiny_pixtral",
-    "mllama": "server.models.mllama.tiny.make_tiny_mllama",
+    "qwen2_vl": "vlmserve.models.qwen2_vl.tiny.make_tiny_qwen2_vl",
+    "pixtral": "vlmserve.models.pixtral.tiny.make_tiny_pixtral",
+    "mllama": "vlmserve.models.mllama.tiny.make_tiny_mllama",
 }
 
 

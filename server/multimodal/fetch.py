@@ -28,8 +28,8 @@ from urllib.parse import unquote, urlsplit
 import httpcore
 import httpx
 
-from server.multimodal.media import MediaConfig, MediaError
-from server.multimodal.ssrf import HostPolicy, IPAddress, Resolver
+from vlmserve.multimodal.media import MediaConfig, MediaError
+from vlmserve.multimodal.ssrf import HostPolicy, IPAddress, Resolver
 
 Kind = Literal["image", "video"]
 _REDIRECTS = (301, 302, 303, 307, 308)

@@ -38,7 +38,7 @@ import numpy as np
 from PIL import Image
 
 if TYPE_CHECKING:
-    from server.multimodal.ssrf import Resolver
+    from vlmserve.multimodal.ssrf import Resolver
 
 MiB = 1024 * 1024
 
@@ -138,7 +138,7 @@ class MediaLoader:
     """
 
     def __init__(self, config: MediaConfig | None = None, *, resolver: Resolver | None = None) -> None:
-        from server.multimodal import decode, fetch, hashing, video
+        from vlmserve.multimodal import decode, fetch, hashing, video
 
         self.config = config or MediaConfig()
         self._decode, self._video, self._hashing = decode, video, hashing

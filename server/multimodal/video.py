@@ -25,8 +25,8 @@ import math
 import av
 import numpy as np
 
-from server.multimodal.decode import check_pixels
-from server.multimodal.media import MediaConfig, MediaError, VideoFrames
+from vlmserve.multimodal.decode import check_pixels
+from vlmserve.multimodal.media import MediaConfig, MediaError, VideoFrames
 
 _CONTAINERS = "mov,mp4,matroska,webm,avi,mpegts,mpeg,flv,ogg"
 _OPEN_OPTIONS = {"format_whitelist": _CONTAINERS, "enable_drefs": "0"}

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from server.models.interfaces import VLModel
-from server.multimodal.inputs import MultiModalItem
+from vlmserve.models.interfaces import VLModel
+from vlmserve.multimodal.inputs import MultiModalItem
 
 
 class EncoderRunner:

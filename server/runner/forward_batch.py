@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from kernels.reference import PagedAttentionPlan
+    from vlmserve.kernels.reference import PagedAttentionPlan
 
 
 @dataclass

@@ -13,13 +13,13 @@ import logging
 import numpy as np
 import torch
 
-import kernels
-from server.engine.outputs import RunnerOutput, SchedulerOutput
-from server.models.interfaces import VLModel
-from server.runner.encoder_runner import EncoderRunner
-from server.runner.forward_batch import CrossAttentionBatch, ForwardBatch
-from server.runner.input_batch import BatchInputs, CachedRequestState, build_inputs
-from server.runner.sampler import Sampler
+from vlmserve import kernels
+from vlmserve.engine.outputs import RunnerOutput, SchedulerOutput
+from vlmserve.models.interfaces import VLModel
+from vlmserve.runner.encoder_runner import EncoderRunner
+from vlmserve.runner.forward_batch import CrossAttentionBatch, ForwardBatch
+from vlmserve.runner.input_batch import BatchInputs, CachedRequestState, build_inputs
+from vlmserve.runner.sampler import Sampler
 
 logger = logging.getLogger(__name__)
 

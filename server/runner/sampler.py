@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from server.engine.outputs import TokenLogprob
-from server.runner.input_batch import CachedRequestState
+from vlmserve.engine.outputs import TokenLogprob
+from vlmserve.runner.input_batch import CachedRequestState
 
 _MASK = float("-inf")
 

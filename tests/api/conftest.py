@@ -8,8 +8,8 @@ import httpx
 import openai
 import pytest
 
-from server.api.app import create_app
-from server.config import ServerConfig
+from vlmserve.api.app import create_app
+from vlmserve.config import ServerConfig
 from tests.api.fake_engine import FakeEngine
 from tests.api.helpers import API_KEY, MODEL
 from tests.engine.tiny_tokenizer import make_tiny_tokenizer

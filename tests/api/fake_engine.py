@@ -18,10 +18,10 @@ from typing import Any, AsyncIterator
 
 from PIL import Image
 
-from server.engine.detokenizer import IncrementalDetokenizer
-from server.engine.outputs import RequestOutput, TokenLogprob
-from server.engine.sampling_params import SamplingParams
-from server.multimodal.inputs import ProcessedPrompt
+from vlmserve.engine.detokenizer import IncrementalDetokenizer
+from vlmserve.engine.outputs import RequestOutput, TokenLogprob
+from vlmserve.engine.sampling_params import SamplingParams
+from vlmserve.multimodal.inputs import ProcessedPrompt
 
 IMAGE_TOKENS = 4  # placeholder tokens per image in the fake prompt
 

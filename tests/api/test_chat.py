@@ -4,8 +4,8 @@ import asyncio
 
 from PIL import Image
 
-from server.api.app import create_app
-from server.config import ServerConfig
+from vlmserve.api.app import create_app
+from vlmserve.config import ServerConfig
 from tests.api.helpers import MODEL, drive_asgi, parse_sse, png_data_url
 
 FULL = "Hello w\u00f6rld! \u4f60\u597d \U0001f642 The end."

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from server.api.errors import APIError
-from server.api.routes.completions import single_prompt
+from vlmserve.api.errors import APIError
+from vlmserve.api.routes.completions import single_prompt
 from tests.api.helpers import MODEL, parse_sse
 
 FULL = "Hello w\u00f6rld! \u4f60\u597d \U0001f642 The end."

@@ -6,9 +6,9 @@ import httpx
 import openai
 import pytest
 
-from server.api.app import create_app
-from server.config import ServerConfig
-from server.multimodal.media import MediaError, MediaLoader
+from vlmserve.api.app import create_app
+from vlmserve.config import ServerConfig
+from vlmserve.multimodal.media import MediaError, MediaLoader
 from tests.api.helpers import API_KEY, MODEL, parse_sse, png_data_url
 
 USER = [{"role": "user", "content": "Say hi"}]
@@ -292,7 +292,7 @@ async def test_top_k_past_int64_is_400_before_reaching_the_engine(client, engine
 
 
 async def test_stop_lists_past_their_caps_are_400_naming_the_cap(client, engine):
-    from server.api.sampling import MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
+    from vlmserve.api.sampling import MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
 
     stops = [f"s{i}" for i in range(MAX_STOP_STRINGS + 1)]
     err = _error(await client.post("/v1/chat/completions", json=_chat(stop=stops)), 400)

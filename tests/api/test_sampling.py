@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from server.api.errors import APIError
-from server.api.protocol import ChatCompletionRequest, CompletionRequest
-from server.api.sampling import build_sampling_params, params_for_choice, resolve_max_tokens
+from vlmserve.api.errors import APIError
+from vlmserve.api.protocol import ChatCompletionRequest, CompletionRequest
+from vlmserve.api.sampling import build_sampling_params, params_for_choice, resolve_max_tokens
 
 MSGS = [{"role": "user", "content": "hi"}]
 

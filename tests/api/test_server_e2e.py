@@ -33,7 +33,7 @@ def _messages(img):
 def test_chat_with_an_image_streaming_and_not_agree_with_the_offline_engine(server, tiny_ckpt):
     from openai import OpenAI
 
-    from server.engine.sampling_params import SamplingParams
+    from vlmserve.engine.sampling_params import SamplingParams
     from tests.utils import make_llm, user
 
     client = OpenAI(base_url=server + "/v1", api_key="unused")
@@ -159,7 +159,7 @@ def test_sigterm_with_drain_seconds_fails_readiness_but_keeps_serving_then_exits
 
 
 def test_serve_exits_with_the_engine_processs_error_when_it_cannot_start(tiny_ckpt, tmp_path):
-    args = [sys.executable, "-m", "server.cli", "serve", "--model", str(tiny_ckpt), "--port", "1",
+    args = [sys.executable, "-m", "vlmserve.cli", "serve", "--model", str(tiny_ckpt), "--port", "1",
             "--kv-cache-memory-gb", "1e-7"]
     env = dict(os.environ, VLMSERVE_CACHE=str(tmp_path))
     done = subprocess.run(args, capture_output=True, text=True, timeout=90, env=env)

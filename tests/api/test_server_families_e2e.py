@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from server.engine.sampling_params import SamplingParams
-from server.models.registry import make_tiny_model
+from vlmserve.engine.sampling_params import SamplingParams
+from vlmserve.models.registry import make_tiny_model
 from tests.utils import image, launch_server, make_llm, png_data_url, user
 
 FAMILIES = {

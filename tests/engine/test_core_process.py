@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from server.config import EngineConfig
-from server.engine.async_engine import AsyncEngine, EngineDeadError
-from server.engine.builder import build_core_client
-from server.engine.core_client import EngineStartupError, ProcessCoreClient
-from server.engine.sampling_params import SamplingParams
+from vlmserve.config import EngineConfig
+from vlmserve.engine.async_engine import AsyncEngine, EngineDeadError
+from vlmserve.engine.builder import build_core_client
+from vlmserve.engine.core_client import EngineStartupError, ProcessCoreClient
+from vlmserve.engine.sampling_params import SamplingParams
 from tests.utils import image, process_exited, user, wait_process_exited
 
 QUESTIONS = ["What is in this image?", "Describe the colours.", "Where was this taken?"]
@@ -128,8 +128,8 @@ def test_engine_process_that_cannot_build_reports_its_error(tiny_ckpt):
 _PARENT = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from server.config import EngineConfig
-    from server.engine.core_client import ProcessCoreClient
+    from vlmserve.config import EngineConfig
+    from vlmserve.engine.core_client import ProcessCoreClient
 
     if __name__ == "__main__":
         config = EngineConfig(model=sys.argv[1], num_kv_blocks=32, max_model_len=512, kernel_backend="torch")

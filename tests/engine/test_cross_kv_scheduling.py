@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from server.config import EngineConfig
-from server.engine.request import Request, RequestStatus
-from server.engine.sampling_params import SamplingParams
-from server.engine.scheduler import Scheduler
-from server.multimodal.inputs import MultiModalItem, ProcessedPrompt
+from vlmserve.config import EngineConfig
+from vlmserve.engine.request import Request, RequestStatus
+from vlmserve.engine.sampling_params import SamplingParams
+from vlmserve.engine.scheduler import Scheduler
+from vlmserve.multimodal.inputs import MultiModalItem, ProcessedPrompt
 from tests.engine.test_scheduler import run_step
 
 IMAGE_TOKEN = 5
@@ -82,7 +82,7 @@ def test_images_needing_more_rows_than_the_pool_are_rejected_with_both_numbers()
 
 
 def test_prefix_blocks_before_the_image_token_do_not_match_across_images():
-    from server.engine.kv_cache_manager import block_extra_keys
+    from vlmserve.engine.kv_cache_manager import block_extra_keys
 
     a = cross_request("a", 12, [("hash-a", 8, 4)])
     b = cross_request("b", 12, [("hash-b", 8, 4)])

@@ -4,8 +4,8 @@ from typing import Any
 
 import pytest
 
-from server.engine.detokenizer import IncrementalDetokenizer
-from server.engine.sampling_params import SamplingParams
+from vlmserve.engine.detokenizer import IncrementalDetokenizer
+from vlmserve.engine.sampling_params import SamplingParams
 from tests.engine.tiny_tokenizer import make_tiny_tokenizer
 
 TEXT = "Hello w\u00f6rld! \u4f60\u597d \U0001f642 The end. Caf\u00e9 cr\u00e8me."
@@ -14,7 +14,7 @@ TEXT = "Hello w\u00f6rld! \u4f60\u597d \U0001f642 The end. Caf\u00e9 cr\u00e8me.
 def _tiny_qwen2_vl_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
-    from server.models.qwen2_vl.tiny import build_tokenizer
+    from vlmserve.models.qwen2_vl.tiny import build_tokenizer
 
     return PreTrainedTokenizerFast(tokenizer_object=build_tokenizer(), eos_token="<|im_end|>")
 
@@ -181,7 +181,7 @@ def test_fast_path_decodes_exactly_as_the_tokenizer_does(tok, skip):
     tokens, split characters included) give the same deltas as through `tokenizer.decode`."""
     import random
 
-    from server.engine import detokenizer
+    from vlmserve.engine import detokenizer
 
     fast = detokenizer._ids_decoder(tok, skip)
     assert fast.__code__ is not detokenizer._ids_decoder(_CountingTokenizer(tok), skip).__code__  # it is taken

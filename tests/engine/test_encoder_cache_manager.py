@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from server.engine.encoder_cache_manager import EncoderCacheManager
-from server.engine.request import Request
-from server.engine.sampling_params import SamplingParams
-from server.multimodal.inputs import MultiModalItem, ProcessedPrompt
+from vlmserve.engine.encoder_cache_manager import EncoderCacheManager
+from vlmserve.engine.request import Request
+from vlmserve.engine.sampling_params import SamplingParams
+from vlmserve.multimodal.inputs import MultiModalItem, ProcessedPrompt
 
 
 def make_request(req_id: str, *images: tuple[str, int]) -> Request:

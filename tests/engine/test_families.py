@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from server.engine.sampling_params import SamplingParams
-from server.models.registry import make_tiny_model
+from vlmserve.engine.sampling_params import SamplingParams
+from vlmserve.models.registry import make_tiny_model
 from tests.utils import image, make_llm, user
 
 # family id -> (registry family, extra maker kwargs)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from server.engine.block_pool import hash_block_tokens
-from server.engine.kv_cache_manager import KVCacheManager
-from server.engine.request import Request
-from server.engine.sampling_params import SamplingParams
-from server.multimodal.inputs import MultiModalItem, ProcessedPrompt
+from vlmserve.engine.block_pool import hash_block_tokens
+from vlmserve.engine.kv_cache_manager import KVCacheManager
+from vlmserve.engine.request import Request
+from vlmserve.engine.sampling_params import SamplingParams
+from vlmserve.multimodal.inputs import MultiModalItem, ProcessedPrompt
 
 BS = 4
 IMG = 9  # placeholder token id, identical for every image

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from server.models.qwen2_vl.processor import qwen2_vl_pixel_values
-from server.engine.sampling_params import SamplingParams
+from vlmserve.models.qwen2_vl.processor import qwen2_vl_pixel_values
+from vlmserve.engine.sampling_params import SamplingParams
 from tests.utils import image, make_llm, user
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12)
@@ -82,7 +82,7 @@ def hf_greedy(hf, prompt, max_new_tokens, eos_ids):
 
 
 def clip(num_frames: int, w: int, h: int, seed: int):
-    from server.multimodal.media import VideoFrames
+    from vlmserve.multimodal.media import VideoFrames
 
     frames = np.stack([np.asarray(image(w, h, seed + i)) for i in range(num_frames)])
     return VideoFrames(frames, fps=2.0, timestamps=np.arange(num_frames) / 2.0, source_fps=25.0, duration=num_frames / 2)
@@ -122,7 +122,7 @@ def test_greedy_tokens_and_logprobs_match_transformers(engines, case):
 
 def llm_first_logprobs(llm, prompt):
     """The logprobs of the first sampled token (computed from the prompt's last position)."""
-    from server.engine.request import Request
+    from vlmserve.engine.request import Request
 
     req = Request("lp-probe", prompt, SamplingParams(temperature=0.0, max_tokens=1, logprobs=5), llm.eos_token_ids)
     llm.core.add_request(req)
@@ -235,7 +235,7 @@ def test_triton_backend_in_the_interpreter_serves_the_same_greedy_tokens_as_tran
     CPU box), and the tokens still equal transformers'."""
     from transformers import Qwen2VLForConditionalGeneration
 
-    import kernels
+    from vlmserve import kernels
 
     llm = make_llm(tiny_ckpt, kernel_backend="triton")
     assert kernels.get_backend() == "triton"

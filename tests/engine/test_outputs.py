@@ -1,7 +1,7 @@
 import dataclasses
 import pickle
 
-from server.engine.outputs import EngineCoreOutput, TokenLogprob
+from vlmserve.engine.outputs import EngineCoreOutput, TokenLogprob
 
 
 def test_engine_core_output_survives_the_pipe_with_every_field():

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from server.engine.sampling_params import MAX_TOP_K, SamplingParams
+from vlmserve.engine.sampling_params import MAX_TOP_K, SamplingParams
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from server.config import EngineConfig
-from server.engine.outputs import EngineCoreOutput, RunnerOutput, SchedulerOutput
-from server.engine.request import Request, RequestStatus
-from server.engine.sampling_params import SamplingParams
-from server.engine.scheduler import Scheduler
-from server.multimodal.inputs import MultiModalItem, ProcessedPrompt
+from vlmserve.config import EngineConfig
+from vlmserve.engine.outputs import EngineCoreOutput, RunnerOutput, SchedulerOutput
+from vlmserve.engine.request import Request, RequestStatus
+from vlmserve.engine.sampling_params import SamplingParams
+from vlmserve.engine.scheduler import Scheduler
+from vlmserve.multimodal.inputs import MultiModalItem, ProcessedPrompt
 
 IMG = 9
 EOS = 2
@@ -367,8 +367,8 @@ def test_stats_report_queues_usage_and_pending_work() -> None:
 def test_scheduler_and_cache_managers_do_not_import_torch() -> None:
     code = (
         "import sys\n"
-        "import server.engine.scheduler, server.engine.kv_cache_manager\n"
-        "import server.engine.encoder_cache_manager, server.engine.block_pool\n"
+        "import vlmserve.engine.scheduler, vlmserve.engine.kv_cache_manager\n"
+        "import vlmserve.engine.encoder_cache_manager, vlmserve.engine.block_pool\n"
         "assert 'torch' not in sys.modules, 'the scheduler side must stay torch-free'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.engine.engine_core import MAX_CONSECUTIVE_STEP_FAILURES
-from server.engine.sampling_params import SamplingParams
+from vlmserve.engine.engine_core import MAX_CONSECUTIVE_STEP_FAILURES
+from vlmserve.engine.sampling_params import SamplingParams
 from tests.utils import image, make_llm, user
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)

@@ -1,6 +1,6 @@
 import torch
 
-from kernels import bench
+from vlmserve.kernels import bench
 
 
 def test_bench_correctness_checks_pass_at_tiny_sizes():

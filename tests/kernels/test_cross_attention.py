@@ -10,9 +10,9 @@ import json
 import pytest
 import torch
 
-import kernels
-from kernels import reference
-from kernels.cross_attention import cross_attention
+from vlmserve import kernels
+from vlmserve.kernels import reference
+from vlmserve.kernels.cross_attention import cross_attention
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -145,7 +145,7 @@ def triton_backend():
 
 
 def test_triton_backend_dispatches_cross_attention_to_the_kernel(triton_backend, device, tol):
-    launcher = importlib.import_module("kernels.cross_attention").cross_attention
+    launcher = importlib.import_module("vlmserve.kernels.cross_attention").cross_attention
     assert kernels._impl("cross_attention", torch.zeros(1)) is launcher
     assert callable(kernels.cross_attention) and kernels.cross_attention.__module__ == "kernels"
     args = (*_cross_batch([6], [[[0, 3], [0, 0]]], 2, 1, 64, 4, torch.float32, device), 0.125)
@@ -161,16 +161,16 @@ def test_tiny_mllama_logits_match_transformers_through_the_triton_backend(tmp_pa
     # parity tolerance (1e-4 abs + 1e-5 rel, float32).
     from transformers import MllamaForConditionalGeneration as HFMllama
 
-    from server.models.loader import load_model
-    from server.models.mllama.processor import MllamaProcessor
-    from server.models.mllama.tiny import make_tiny_mllama
+    from vlmserve.models.loader import load_model
+    from vlmserve.models.mllama.processor import MllamaProcessor
+    from vlmserve.models.mllama.tiny import make_tiny_mllama
     from tests.models.mllama.test_model_parity import ATOL, CASES, RTOL, Caches, embeds, hf_inputs, render
 
     ckpt = make_tiny_mllama(tmp_path / "tiny_mllama", seed=0)
     ours, _ = load_model(ckpt, dtype=torch.float32, device="cpu", progress=False)
     hf = HFMllama.from_pretrained(ckpt, dtype=torch.float32).eval()
     processor = MllamaProcessor(ckpt, json.loads((ckpt / "config.json").read_text()))
-    launcher, calls = importlib.import_module("kernels.cross_attention").cross_attention, []
+    launcher, calls = importlib.import_module("vlmserve.kernels.cross_attention").cross_attention, []
     monkeypatch.setitem(kernels._triton_ops, "cross_attention", lambda *a: calls.append(1) or launcher(*a))
 
     prompts = {"a": render(processor, CASES["two_images_separate"]), "b": render(processor, CASES["text_only"])}

@@ -3,8 +3,8 @@ import importlib
 import pytest
 import torch
 
-import kernels
-from kernels import reference
+from vlmserve import kernels
+from vlmserve.kernels import reference
 
 OPS = ["rms_norm", "silu_and_mul", "rotary", "varlen_attention", "write_kv", "paged_attention",
        "merge_embeddings", "normalize_patchify"]
@@ -27,7 +27,7 @@ def test_triton_backend_picks_the_triton_launcher_for_cpu_tensors(op, triton_bac
 
 
 def test_dispatched_rms_norm_launches_the_triton_kernel(triton_backend, monkeypatch, tol):
-    module = importlib.import_module("kernels.rms_norm")
+    module = importlib.import_module("vlmserve.kernels.rms_norm")
     real, grids = module._rms_norm_kernel, []
 
     class Spy:

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from kernels import reference
-from kernels.merge_embeddings import merge_embeddings
+from vlmserve.kernels import reference
+from vlmserve.kernels.merge_embeddings import merge_embeddings
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from kernels import reference
-from kernels.normalize_patchify import normalize_patchify
+from vlmserve.kernels import reference
+from vlmserve.kernels.normalize_patchify import normalize_patchify
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

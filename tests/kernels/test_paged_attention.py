@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from kernels import reference
-from kernels.paged_attention import choose_num_splits, paged_attention
+from vlmserve.kernels import reference
+from vlmserve.kernels.paged_attention import choose_num_splits, paged_attention
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

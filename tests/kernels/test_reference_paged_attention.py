@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from kernels import reference
+from vlmserve.kernels import reference
 
 
 def naive(q, k_cache, v_cache, block_tables, seq_lens, qsl, scale):

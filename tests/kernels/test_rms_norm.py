@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from kernels import reference
-from kernels.rms_norm import rms_norm
+from vlmserve.kernels import reference
+from vlmserve.kernels.rms_norm import rms_norm
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

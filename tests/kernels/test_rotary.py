@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from kernels import reference
-from kernels.rotary import rotary
+from vlmserve.kernels import reference
+from vlmserve.kernels.rotary import rotary
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from kernels import reference
-from kernels.silu_and_mul import silu_and_mul
+from vlmserve.kernels import reference
+from vlmserve.kernels.silu_and_mul import silu_and_mul
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from kernels import reference
-from kernels.varlen_attention import varlen_attention
+from vlmserve.kernels import reference
+from vlmserve.kernels.varlen_attention import varlen_attention
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from kernels import reference
-from kernels.write_kv import write_kv
+from vlmserve.kernels import reference
+from vlmserve.kernels.write_kv import write_kv
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

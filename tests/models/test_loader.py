@@ -12,9 +12,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from server.models.loader import iter_safetensors, load_model, resolve_dtype, resolve_model_dir
-from server.models.qwen2_vl.config import Qwen2VLModelConfig
-from server.models.registry import family_for_config, supported_architectures
+from vlmserve.models.loader import iter_safetensors, load_model, resolve_dtype, resolve_model_dir
+from vlmserve.models.qwen2_vl.config import Qwen2VLModelConfig
+from vlmserve.models.registry import family_for_config, supported_architectures
 
 
 def _tensors(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -199,7 +199,7 @@ def test_mrope_section_not_summing_to_half_head_dim_is_rejected(make_hf_tiny) ->
 
 
 def test_qwen2_vl_sliding_window_layers_cap_the_context(make_hf_tiny) -> None:
-    from server.engine.builder import context_length
+    from vlmserve.engine.builder import context_length
 
     config = json.loads((make_hf_tiny(seed=0) / "config.json").read_text())
     text = config["text_config"]

@@ -11,8 +11,8 @@ from tokenizers import Tokenizer
 from tokenizers.processors import TemplateProcessing
 from transformers import PreTrainedTokenizerFast
 
-from server.models.qwen2_vl.tiny import QWEN2_VL_CHAT_TEMPLATE, make_tiny_qwen2_vl
-from server.models.tokenizer import encode_prompt, load_tokenizer, render_chat
+from vlmserve.models.qwen2_vl.tiny import QWEN2_VL_CHAT_TEMPLATE, make_tiny_qwen2_vl
+from vlmserve.models.tokenizer import encode_prompt, load_tokenizer, render_chat
 
 IMAGE_CHAT = [
     {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown here?"}]},

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from server.multimodal import decode as decode_module
-from server.multimodal.decode import decode_image
-from server.multimodal.hashing import ByteLRU, content_hash
-from server.multimodal.media import MediaConfig, MediaError, MediaLoader
+from vlmserve.multimodal import decode as decode_module
+from vlmserve.multimodal.decode import decode_image
+from vlmserve.multimodal.hashing import ByteLRU, content_hash
+from vlmserve.multimodal.media import MediaConfig, MediaError, MediaLoader
 
 from .conftest import data_url, image_bytes
 

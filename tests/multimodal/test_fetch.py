@@ -9,7 +9,7 @@ import os
 import pytest
 from PIL import Image
 
-from server.multimodal.media import MediaConfig, MediaError, MediaLoader
+from vlmserve.multimodal.media import MediaConfig, MediaError, MediaLoader
 
 from .conftest import data_url, gzip_body, image_bytes
 

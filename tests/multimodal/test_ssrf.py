@@ -8,9 +8,9 @@ import ipaddress
 import httpcore
 import pytest
 
-from server.multimodal.fetch import _PinnedBackend
-from server.multimodal.media import MediaConfig, MediaError, MediaLoader
-from server.multimodal.ssrf import HostPolicy, address_refusal
+from vlmserve.multimodal.fetch import _PinnedBackend
+from vlmserve.multimodal.media import MediaConfig, MediaError, MediaLoader
+from vlmserve.multimodal.ssrf import HostPolicy, address_refusal
 
 REFUSED_BY_DEFAULT = [
     "127.0.0.1", "127.8.9.10", "10.1.2.3", "172.16.0.1", "192.168.1.1", "100.64.0.1",

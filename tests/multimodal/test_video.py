@@ -10,8 +10,8 @@ import av
 import numpy as np
 import pytest
 
-from server.multimodal.media import MediaConfig, MediaError, MediaLoader
-from server.multimodal.video import decode_video
+from vlmserve.multimodal.media import MediaConfig, MediaError, MediaLoader
+from vlmserve.multimodal.video import decode_video
 
 from .conftest import data_url, gray_clip
 

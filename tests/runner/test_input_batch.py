@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from server.engine.sampling_params import SamplingParams
-from server.multimodal.inputs import MultiModalItem
-from server.runner.input_batch import CachedRequestState, build_inputs
+from vlmserve.engine.sampling_params import SamplingParams
+from vlmserve.multimodal.inputs import MultiModalItem
+from vlmserve.runner.input_batch import CachedRequestState, build_inputs
 
 
 def _state(req_id, tokens, computed, blocks, n_prompt=None, mm=(), mrope=None, delta=0):

@@ -2,9 +2,9 @@ import math
 
 import torch
 
-from server.engine.sampling_params import SamplingParams
-from server.runner.input_batch import CachedRequestState
-from server.runner.sampler import Sampler
+from vlmserve.engine.sampling_params import SamplingParams
+from vlmserve.runner.input_batch import CachedRequestState
+from vlmserve.runner.sampler import Sampler
 
 
 def _st(params, tokens=(1, 2, 3), n_prompt=3):

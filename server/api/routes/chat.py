@@ -7,9 +7,9 @@ from typing import AsyncIterator
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from server.api.deps import ConfigDep, EngineDep, MediaDep, TokenRendererDep
-from server.api.errors import internal_error
-from server.api.generation import (
+from vlmserve.api.deps import ConfigDep, EngineDep, MediaDep, TokenRendererDep
+from vlmserve.api.errors import internal_error
+from vlmserve.api.generation import (
     SSEResponse,
     collect_choices,
     generate_choices,
@@ -17,8 +17,8 @@ from server.api.generation import (
     run_unless_disconnected,
     sse_event,
 )
-from server.api.logprobs import TokenRenderer
-from server.api.protocol import (
+from vlmserve.api.logprobs import TokenRenderer
+from vlmserve.api.protocol import (
     AssistantMessage,
     ChatChoice,
     ChatCompletionChunk,
@@ -26,11 +26,11 @@ from server.api.protocol import (
     ChatCompletionResponse,
     ChatStreamChoice,
 )
-from server.api.routes.common import ResponseContext, check_capacity, check_request, make_usage, render_prompt
-from server.api.routes.conversation import check_media_limits, check_modalities, load_media, to_hf_conversation
-from server.api.sampling import build_sampling_params
-from server.engine.outputs import RequestOutput
-from server.engine.sampling_params import SamplingParams
+from vlmserve.api.routes.common import ResponseContext, check_capacity, check_request, make_usage, render_prompt
+from vlmserve.api.routes.conversation import check_media_limits, check_modalities, load_media, to_hf_conversation
+from vlmserve.api.sampling import build_sampling_params
+from vlmserve.engine.outputs import RequestOutput
+from vlmserve.engine.sampling_params import SamplingParams
 
 router = APIRouter()
 

@@ -8,11 +8,11 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Awaitable
 
-from server.api.errors import APIError, internal_error
-from server.api.protocol import PromptTokensDetails, SamplingRequest, Usage, unsupported_param
-from server.engine.client import EngineClient
-from server.multimodal.inputs import ProcessedPrompt
-from server.multimodal.media import MediaError
+from vlmserve.api.errors import APIError, internal_error
+from vlmserve.api.protocol import PromptTokensDetails, SamplingRequest, Usage, unsupported_param
+from vlmserve.engine.client import EngineClient
+from vlmserve.multimodal.inputs import ProcessedPrompt
+from vlmserve.multimodal.media import MediaError
 
 logger = logging.getLogger(__name__)
 

@@ -7,9 +7,9 @@ from typing import AsyncIterator
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from server.api.deps import ConfigDep, EngineDep, TokenRendererDep
-from server.api.errors import APIError, internal_error
-from server.api.generation import (
+from vlmserve.api.deps import ConfigDep, EngineDep, TokenRendererDep
+from vlmserve.api.errors import APIError, internal_error
+from vlmserve.api.generation import (
     SSEResponse,
     collect_choices,
     generate_choices,
@@ -17,9 +17,9 @@ from server.api.generation import (
     run_unless_disconnected,
     sse_event,
 )
-from server.api.logprobs import TokenRenderer
-from server.api.protocol import CompletionChoice, CompletionRequest, CompletionResponse
-from server.api.routes.common import (
+from vlmserve.api.logprobs import TokenRenderer
+from vlmserve.api.protocol import CompletionChoice, CompletionRequest, CompletionResponse
+from vlmserve.api.routes.common import (
     ResponseContext,
     check_capacity,
     check_request,
@@ -27,9 +27,9 @@ from server.api.routes.common import (
     make_usage,
     render_prompt,
 )
-from server.api.sampling import build_sampling_params
-from server.engine.outputs import RequestOutput
-from server.engine.sampling_params import SamplingParams
+from vlmserve.api.sampling import build_sampling_params
+from vlmserve.engine.outputs import RequestOutput
+from vlmserve.engine.sampling_params import SamplingParams
 
 router = APIRouter()
 

@@ -14,10 +14,10 @@ from typing import Any, Literal
 
 from PIL import Image
 
-from server.api.errors import APIError
-from server.api.protocol import ChatMessage, ImagePart, MediaURL, OtherPart, TextPart, VideoPart
-from server.api.routes.common import check_unicode
-from server.multimodal.media import MediaError, MediaLoader
+from vlmserve.api.errors import APIError
+from vlmserve.api.protocol import ChatMessage, ImagePart, MediaURL, OtherPart, TextPart, VideoPart
+from vlmserve.api.routes.common import check_unicode
+from vlmserve.multimodal.media import MediaError, MediaLoader
 
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from server.api.deps import EngineDep
-from server.api.errors import error_body
+from vlmserve.api.deps import EngineDep
+from vlmserve.api.errors import error_body
 
 router = APIRouter()
 

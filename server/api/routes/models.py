@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from server.api.deps import EngineDep
-from server.api.protocol import ModelCard, ModelList
+from vlmserve.api.deps import EngineDep
+from vlmserve.api.protocol import ModelCard, ModelList
 
 router = APIRouter()
 

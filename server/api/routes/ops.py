@@ -8,7 +8,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from server.api.deps import EngineDep
+from vlmserve.api.deps import EngineDep
 
 router = APIRouter()
 

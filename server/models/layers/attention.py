@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-import kernels
-from server.runner.forward_batch import ForwardBatch
+from vlmserve import kernels
+from vlmserve.runner.forward_batch import ForwardBatch
 
 
 class PagedAttention(nn.Module):

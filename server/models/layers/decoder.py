@@ -12,11 +12,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-import kernels
-from server.models.layers.activation import activation
-from server.models.layers.attention import PagedAttention
-from server.models.layers.norm import RMSNorm
-from server.runner.forward_batch import ForwardBatch
+from vlmserve import kernels
+from vlmserve.models.layers.activation import activation
+from vlmserve.models.layers.attention import PagedAttention
+from vlmserve.models.layers.norm import RMSNorm
+from vlmserve.runner.forward_batch import ForwardBatch
 
 Device = torch.device | str
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from server.models.layers.activation import check_activation
-from server.models.layers.rotary import RopeScaling
+from vlmserve.models.layers.activation import check_activation
+from vlmserve.models.layers.rotary import RopeScaling
 
 _DEFAULT_ASPECT_RATIOS = ((1, 1), (1, 2), (1, 3), (1, 4), (2, 1), (2, 2), (3, 1), (4, 1))
 # transformers' defaults for absent (null) lists; an empty list is a real value (no layers).

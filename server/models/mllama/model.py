@@ -28,16 +28,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
-from server.models.interfaces import KVCacheSpec
-from server.models.layers.decoder import GatedMLP, PagedSelfAttention
-from server.models.layers.norm import RMSNorm
-from server.models.layers.rotary import rope_cos_sin, scaled_rope_inv_freq
-from server.models.layers.weights import IGNORED_SUFFIXES, WeightLoadTracker
-from server.models.mllama.config import MllamaModelConfig
-from server.models.mllama.vision import MllamaVisionModel
-from server.multimodal.inputs import MultiModalItem
-from server.runner.forward_batch import CrossAttentionBatch, ForwardBatch
+from vlmserve import kernels
+from vlmserve.models.interfaces import KVCacheSpec
+from vlmserve.models.layers.decoder import GatedMLP, PagedSelfAttention
+from vlmserve.models.layers.norm import RMSNorm
+from vlmserve.models.layers.rotary import rope_cos_sin, scaled_rope_inv_freq
+from vlmserve.models.layers.weights import IGNORED_SUFFIXES, WeightLoadTracker
+from vlmserve.models.mllama.config import MllamaModelConfig
+from vlmserve.models.mllama.vision import MllamaVisionModel
+from vlmserve.multimodal.inputs import MultiModalItem
+from vlmserve.runner.forward_batch import CrossAttentionBatch, ForwardBatch
 
 
 Device = torch.device | str

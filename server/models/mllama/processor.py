@@ -29,9 +29,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from server.models.mllama.image_processor import MllamaImageProcessor
-from server.models.tokenizer import encode_prompt, load_tokenizer, render_chat
-from server.multimodal.inputs import MultiModalItem, ProcessedPrompt
+from vlmserve.models.mllama.image_processor import MllamaImageProcessor
+from vlmserve.models.tokenizer import encode_prompt, load_tokenizer, render_chat
+from vlmserve.multimodal.inputs import MultiModalItem, ProcessedPrompt
 
 IMAGE_TOKEN = "<|image|>"
 
@@ -97,7 +97,7 @@ class MllamaProcessor:
     """Reads the checkpoint's tokenizer (+ chat template), preprocessor_config.json,
     generation_config.json and config.json's vision sizes and image token."""
 
-    modalities = ("image",)  # what the API may send it (server.engine.client.EngineClient)
+    modalities = ("image",)  # what the API may send it (vlmserve.engine.client.EngineClient)
 
     def __init__(self, model_dir: str | Path, hf_config: dict[str, Any], **_limits: Any) -> None:
         # `_limits` (min/max_pixels) do not apply: Mllama's images are always <= max tiles.

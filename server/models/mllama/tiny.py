@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from server.models.mllama.chat_template import LLAMA_3_2_VISION_CHAT_TEMPLATE
+from vlmserve.models.mllama.chat_template import LLAMA_3_2_VISION_CHAT_TEMPLATE
 
 # Llama 3's first special tokens, in their published order (ids follow the BPE vocabulary).
 SPECIAL_TOKENS = (

@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
-from server.models.layers.activation import activation
-from server.models.mllama.config import MllamaVisionModelConfig
+from vlmserve import kernels
+from vlmserve.models.layers.activation import activation
+from vlmserve.models.mllama.config import MllamaVisionModelConfig
 
 Device = torch.device | str
 

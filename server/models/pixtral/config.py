@@ -18,8 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from server.models.layers.activation import check_activation
-from server.models.layers.rotary import RopeScaling
+from vlmserve.models.layers.activation import check_activation
+from vlmserve.models.layers.rotary import RopeScaling
 
 # transformers' class defaults (MistralConfig, PixtralVisionConfig, LlavaConfig).
 _TEXT_DEFAULTS = dict(
@@ -170,7 +170,7 @@ class PixtralModelConfig:
     def from_hf_config(cls, d: dict[str, Any]) -> PixtralModelConfig:
         """Parse config.json (either HF layout) or the loader's wrapper of params.json."""
         if "mistral_params" in d:
-            from server.models.pixtral.mistral_format import config_from_params
+            from vlmserve.models.pixtral.mistral_format import config_from_params
 
             return config_from_params(d["mistral_params"])
         vision = d.get("vision_config") or {}

@@ -29,10 +29,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from server.models.pixtral.image_processor import PixtralImageProcessor
+from vlmserve.models.pixtral.image_processor import PixtralImageProcessor
 
 if TYPE_CHECKING:
-    from server.models.pixtral.config import PixtralModelConfig
+    from vlmserve.models.pixtral.config import PixtralModelConfig
 
 TOKENIZER_FILE = "tekken.json"
 _MISTRAL_PREFIXES = ("tok_embeddings.", "layers.", "norm.", "output.", "vision_encoder.", "vision_language_adapter.")
@@ -40,7 +40,7 @@ _DEFAULT_MAX_POSITIONS = 131072  # Pixtral-12B's 128k context; params.json does 
 
 
 def config_from_params(params: dict[str, Any]) -> PixtralModelConfig:
-    from server.models.pixtral.config import PixtralModelConfig, PixtralVisionModelConfig
+    from vlmserve.models.pixtral.config import PixtralModelConfig, PixtralVisionModelConfig
 
     v = params.get("vision_encoder")
     if not v:

@@ -19,15 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from server.models.interfaces import KVCacheSpec
-from server.models.layers.decoder import TextDecoder
-from server.models.layers.rotary import rope_cos_sin, scaled_rope_inv_freq
-from server.models.layers.weights import IGNORED_SUFFIXES, WeightLoadTracker
-from server.models.pixtral.config import PixtralModelConfig
-from server.models.pixtral.mistral_format import is_mistral_weight_name, mistral_to_hf_weight
-from server.models.pixtral.vision import LlavaMultiModalProjector, PixtralVisionModel
-from server.multimodal.inputs import MultiModalItem
-from server.runner.forward_batch import ForwardBatch
+from vlmserve.models.interfaces import KVCacheSpec
+from vlmserve.models.layers.decoder import TextDecoder
+from vlmserve.models.layers.rotary import rope_cos_sin, scaled_rope_inv_freq
+from vlmserve.models.layers.weights import IGNORED_SUFFIXES, WeightLoadTracker
+from vlmserve.models.pixtral.config import PixtralModelConfig
+from vlmserve.models.pixtral.mistral_format import is_mistral_weight_name, mistral_to_hf_weight
+from vlmserve.models.pixtral.vision import LlavaMultiModalProjector, PixtralVisionModel
+from vlmserve.multimodal.inputs import MultiModalItem
+from vlmserve.runner.forward_batch import ForwardBatch
 
 logger = logging.getLogger(__name__)
 

@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from server.models.pixtral import mistral_format
-from server.models.pixtral.image_processor import PixtralImageProcessor
-from server.models.tokenizer import encode_prompt, load_tokenizer, render_chat
-from server.multimodal.inputs import MultiModalItem, ProcessedPrompt
+from vlmserve.models.pixtral import mistral_format
+from vlmserve.models.pixtral.image_processor import PixtralImageProcessor
+from vlmserve.models.tokenizer import encode_prompt, load_tokenizer, render_chat
+from vlmserve.multimodal.inputs import MultiModalItem, ProcessedPrompt
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -46,7 +46,7 @@ class PixtralProcessor:
     processor_config.json, generation_config.json and config.json's image_token_index; for the
     Mistral format: tekken.json (and params.json, through the loader's `hf_config`)."""
 
-    modalities = ("image",)  # what the API may send it (server.engine.client.EngineClient)
+    modalities = ("image",)  # what the API may send it (vlmserve.engine.client.EngineClient)
 
     def __init__(
         self,

@@ -34,8 +34,8 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
-from server.models.pixtral.mistral_format import TOKENIZER_FILE, hf_to_interleaved
-from server.models.pixtral.image_processor import CLIP_MEAN, CLIP_STD
+from vlmserve.models.pixtral.mistral_format import TOKENIZER_FILE, hf_to_interleaved
+from vlmserve.models.pixtral.image_processor import CLIP_MEAN, CLIP_STD
 
 NUM_SPECIAL = 1000  # Tekken's special-token slots
 NUM_BPE = 792  # 256 bytes + 536 merges of the real file

@@ -20,12 +20,12 @@ from typing import Sequence
 import torch
 from torch import nn
 
-import kernels
-from server.models.layers.activation import activation
-from server.models.layers.attention import segment_cu_seqlens, vision_attention
-from server.models.layers.norm import RMSNorm
-from server.models.layers.rotary import rope_inv_freq
-from server.models.pixtral.config import PixtralModelConfig, PixtralVisionModelConfig
+from vlmserve import kernels
+from vlmserve.models.layers.activation import activation
+from vlmserve.models.layers.attention import segment_cu_seqlens, vision_attention
+from vlmserve.models.layers.norm import RMSNorm
+from vlmserve.models.layers.rotary import rope_inv_freq
+from vlmserve.models.pixtral.config import PixtralModelConfig, PixtralVisionModelConfig
 
 Device = torch.device | str
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from server.models.layers.activation import check_activation
-from server.models.layers.rotary import RopeScaling
+from vlmserve.models.layers.activation import check_activation
+from vlmserve.models.layers.rotary import RopeScaling
 
 # Defaults of the published checkpoints, used only when a key is absent.
 _DEFAULT_VISION_ROPE_THETA = 10000.0
@@ -103,7 +103,7 @@ class Qwen2VLModelConfig:
     rope_scaling: RopeScaling | None = None  # of the text M-RoPE's frequencies
     # Set when some decoder layer uses sliding-window attention (use_sliding_window, or
     # layer_types): we attend fully, which matches it only up to the window, so the engine
-    # caps the context there (`server.engine.builder.context_length`).
+    # caps the context there (`vlmserve.engine.builder.context_length`).
     sliding_window: int | None = None
 
     @property

@@ -17,16 +17,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
-from server.models.interfaces import KVCacheSpec
-from server.models.layers.decoder import TextDecoder
-from server.models.layers.rotary import mrope_cos_sin, scaled_rope_inv_freq
-from server.models.layers.weights import IGNORED_SUFFIXES, WeightLoadTracker
-from server.models.qwen2_vl.config import Qwen2VLModelConfig
-from server.models.qwen2_vl.image_processor import uint8_tensor
-from server.models.qwen2_vl.vision import Qwen2VisionTransformer
-from server.multimodal.inputs import MultiModalItem
-from server.runner.forward_batch import ForwardBatch
+from vlmserve import kernels
+from vlmserve.models.interfaces import KVCacheSpec
+from vlmserve.models.layers.decoder import TextDecoder
+from vlmserve.models.layers.rotary import mrope_cos_sin, scaled_rope_inv_freq
+from vlmserve.models.layers.weights import IGNORED_SUFFIXES, WeightLoadTracker
+from vlmserve.models.qwen2_vl.config import Qwen2VLModelConfig
+from vlmserve.models.qwen2_vl.image_processor import uint8_tensor
+from vlmserve.models.qwen2_vl.vision import Qwen2VisionTransformer
+from vlmserve.multimodal.inputs import MultiModalItem
+from vlmserve.runner.forward_batch import ForwardBatch
 
 logger = logging.getLogger(__name__)
 

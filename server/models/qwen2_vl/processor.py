@@ -35,11 +35,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from kernels import reference
-from server.models.qwen2_vl.image_processor import Qwen2VLImageProcessor, uint8_tensor
-from server.models.qwen2_vl.video_processor import Qwen2VLVideoProcessor, read_video_preprocessor_config
-from server.models.tokenizer import encode_prompt, load_tokenizer, render_chat
-from server.multimodal.inputs import MultiModalItem, ProcessedPrompt
+from vlmserve.kernels import reference
+from vlmserve.models.qwen2_vl.image_processor import Qwen2VLImageProcessor, uint8_tensor
+from vlmserve.models.qwen2_vl.video_processor import Qwen2VLVideoProcessor, read_video_preprocessor_config
+from vlmserve.models.tokenizer import encode_prompt, load_tokenizer, render_chat
+from vlmserve.multimodal.inputs import MultiModalItem, ProcessedPrompt
 
 _TOKEN_ID_KEYS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
 _TOKEN_STRINGS = {
@@ -113,7 +113,7 @@ class Qwen2VLProcessor:
     """Reads the checkpoint's tokenizer, preprocessor_config.json, generation_config.json and
     the vision token ids of config.json (flat, or nested under `text_config`)."""
 
-    modalities = ("image", "video")  # what the API may send it (server.engine.client.EngineClient)
+    modalities = ("image", "video")  # what the API may send it (vlmserve.engine.client.EngineClient)
 
     def __init__(
         self,

@@ -18,7 +18,7 @@ CPU, as transformers does by default). For one clip of uint8 frames [N, H, W, 3]
      (t, h // merge, w // merge, merge_h, merge_w).
 Steps 1, 2 and the padding of 4 run in the front end; the table lookup and the patch layout
 run with the vision tower (`kernels.normalize_patchify`), as for images.
-Frame sampling (fps, frame caps) happens before this, in `server.multimodal.video`.
+Frame sampling (fps, frame caps) happens before this, in `vlmserve.multimodal.video`.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from kernels import reference
-from server.models.qwen2_vl.image_processor import (
+from vlmserve.kernels import reference
+from vlmserve.models.qwen2_vl.image_processor import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
     pixels_hash,

@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
-from server.models.layers.activation import activation
-from server.models.layers.attention import segment_cu_seqlens, vision_attention
-from server.models.layers.rotary import rope_inv_freq, vision_patch_positions, vision_rotary_cos_sin
-from server.models.qwen2_vl.config import Qwen2VLVisionModelConfig
+from vlmserve import kernels
+from vlmserve.models.layers.activation import activation
+from vlmserve.models.layers.attention import segment_cu_seqlens, vision_attention
+from vlmserve.models.layers.rotary import rope_inv_freq, vision_patch_positions, vision_rotary_cos_sin
+from vlmserve.models.qwen2_vl.config import Qwen2VLVisionModelConfig
 
 
 class VisionAttention(nn.Module):

@@ -5,10 +5,10 @@ import asyncio
 import pytest
 from pydantic import TypeAdapter
 
-from server.api.errors import APIError
-from server.api.protocol import ChatMessage
-from server.api.routes.conversation import MediaRef, load_media, to_hf_conversation
-from server.multimodal.media import MediaError
+from vlmserve.api.errors import APIError
+from vlmserve.api.protocol import ChatMessage
+from vlmserve.api.routes.conversation import MediaRef, load_media, to_hf_conversation
+from vlmserve.multimodal.media import MediaError
 
 _MESSAGES = TypeAdapter(list[ChatMessage])
 

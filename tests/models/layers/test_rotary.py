@@ -8,7 +8,7 @@ from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLTextConfi
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLRotaryEmbedding, Qwen2VLVisionRotaryEmbedding
 from transformers.vision_utils import get_vision_position_ids
 
-from server.models.layers.rotary import (
+from vlmserve.models.layers.rotary import (
     mrope_cos_sin,
     rope_cos_sin,
     rope_inv_freq,

@@ -14,7 +14,7 @@ from PIL import Image
 
 @pytest.fixture(scope="session")
 def mllama_ckpt(tmp_path_factory) -> Path:
-    from server.models.mllama.tiny import make_tiny_mllama
+    from vlmserve.models.mllama.tiny import make_tiny_mllama
 
     return make_tiny_mllama(tmp_path_factory.mktemp("tiny_mllama"), seed=0)
 
@@ -23,7 +23,7 @@ def mllama_ckpt(tmp_path_factory) -> Path:
 def mllama_models(mllama_ckpt):
     from transformers import MllamaForConditionalGeneration as HFMllama
 
-    from server.models.loader import load_model
+    from vlmserve.models.loader import load_model
 
     ours, _ = load_model(mllama_ckpt, dtype=torch.float32, device="cpu", progress=False)
     hf = HFMllama.from_pretrained(mllama_ckpt, dtype=torch.float32).eval()
@@ -32,7 +32,7 @@ def mllama_models(mllama_ckpt):
 
 @pytest.fixture(scope="session")
 def mllama_processor(mllama_ckpt):
-    from server.models.mllama.processor import MllamaProcessor
+    from vlmserve.models.mllama.processor import MllamaProcessor
 
     return MllamaProcessor(mllama_ckpt, json.loads((mllama_ckpt / "config.json").read_text()))
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 from transformers.models.mllama.modeling_mllama import MllamaRotaryEmbedding
 
-from server.models.mllama.config import MllamaModelConfig
-from server.models.layers.rotary import scaled_rope_inv_freq
-from server.models.mllama.model import MllamaForConditionalGeneration
+from vlmserve.models.mllama.config import MllamaModelConfig
+from vlmserve.models.layers.rotary import scaled_rope_inv_freq
+from vlmserve.models.mllama.model import MllamaForConditionalGeneration
 
 VISION_11B = {
     "attention_heads": 16, "hidden_act": "gelu", "hidden_size": 1280, "image_size": 560,

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-import kernels
-from kernels.reference import cross_attention
+from vlmserve import kernels
+from vlmserve.kernels.reference import cross_attention
 
 
 def _dense(q, k, v, scale):

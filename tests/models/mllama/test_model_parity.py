@@ -17,9 +17,9 @@ from transformers.models.mllama.processing_mllama import (
     get_cross_attention_token_mask,
 )
 
-from server.models.mllama.processor import cross_row_positions, item_real_rows
-from server.multimodal.inputs import ProcessedPrompt
-from server.runner.forward_batch import CrossAttentionBatch, ForwardBatch
+from vlmserve.models.mllama.processor import cross_row_positions, item_real_rows
+from vlmserve.multimodal.inputs import ProcessedPrompt
+from vlmserve.runner.forward_batch import CrossAttentionBatch, ForwardBatch
 from tests.models.mllama.conftest import random_image
 
 ATOL, RTOL = 1e-4, 1e-5
@@ -280,8 +280,8 @@ def _variant_checkpoint(mllama_ckpt, variant: str, tmp_path):
 def test_config_variant_prompt_logits_match_transformers(mllama_ckpt, variant: str, tmp_path) -> None:
     import json
 
-    from server.models.loader import load_model
-    from server.models.mllama.processor import MllamaProcessor
+    from vlmserve.models.loader import load_model
+    from vlmserve.models.mllama.processor import MllamaProcessor
 
     hf, ckpt = _variant_checkpoint(mllama_ckpt, variant, tmp_path)
     ours, _ = load_model(ckpt, dtype=torch.float32, device="cpu", progress=False)
@@ -297,7 +297,7 @@ def test_config_variant_prompt_logits_match_transformers(mllama_ckpt, variant: s
 
 
 def test_engine_without_cross_layers_sizes_its_cross_cache_and_serves_images(mllama_ckpt, tmp_path) -> None:
-    from server.engine.sampling_params import SamplingParams
+    from vlmserve.engine.sampling_params import SamplingParams
     from tests.utils import make_llm
 
     hf, ckpt = _variant_checkpoint(mllama_ckpt, "no_cross_layers", tmp_path)

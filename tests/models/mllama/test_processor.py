@@ -11,8 +11,8 @@ from PIL import Image
 from transformers import MllamaImageProcessorPil
 from transformers import MllamaProcessor as HFMllamaProcessor
 
-from server.models.mllama.image_processor import MllamaImageProcessor
-from server.models.mllama.processor import cross_row_positions
+from vlmserve.models.mllama.image_processor import MllamaImageProcessor
+from vlmserve.models.mllama.processor import cross_row_positions
 from tests.models.mllama.conftest import random_image
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from server.models.registry import family_for_config, make_tiny_model
+from vlmserve.models.registry import family_for_config, make_tiny_model
 
 
 def test_same_seed_gives_identical_files_and_seed_changes_only_weights(tmp_path) -> None:

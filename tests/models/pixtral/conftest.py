@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from server.models.pixtral.tiny import make_tiny_pixtral
+from vlmserve.models.pixtral.tiny import make_tiny_pixtral
 
 
 @pytest.fixture(scope="session")

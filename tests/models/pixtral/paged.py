@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-import kernels
-from server.multimodal.inputs import ProcessedPrompt
-from server.runner.forward_batch import ForwardBatch
+from vlmserve import kernels
+from vlmserve.multimodal.inputs import ProcessedPrompt
+from vlmserve.runner.forward_batch import ForwardBatch
 
 BLOCK_SIZE = 4
 NUM_BLOCKS = 160

@@ -15,12 +15,12 @@ import pytest
 import torch
 from transformers import GenerationConfig, LlavaConfig, LlavaForConditionalGeneration
 
-from server.engine.builder import context_length
-from server.models.loader import load_model
-from server.models.pixtral.config import PixtralModelConfig
-from server.models.pixtral.model import PixtralForConditionalGeneration
-from server.models.pixtral.processor import PixtralProcessor
-from server.multimodal.inputs import ProcessedPrompt
+from vlmserve.engine.builder import context_length
+from vlmserve.models.loader import load_model
+from vlmserve.models.pixtral.config import PixtralModelConfig
+from vlmserve.models.pixtral.model import PixtralForConditionalGeneration
+from vlmserve.models.pixtral.processor import PixtralProcessor
+from vlmserve.multimodal.inputs import ProcessedPrompt
 from tests.models.conftest import save_random_hf_model
 from tests.models.pixtral.conftest import CHATS, chat_images
 from tests.models.pixtral.paged import PagedKV, greedy_decode, prompt_embeds, run_step

@@ -22,8 +22,8 @@ from transformers.models.pixtral.image_processing_pil_pixtral import (
     get_resize_output_image_size,
 )
 
-from server.models.pixtral.image_processor import PixtralImageProcessor
-from server.models.pixtral.processor import PixtralProcessor, image_layout
+from vlmserve.models.pixtral.image_processor import PixtralImageProcessor
+from vlmserve.models.pixtral.processor import PixtralProcessor, image_layout
 from tests.models.pixtral.conftest import CHATS, chat_images, random_image
 
 SIZES = [(40, 56), (333, 517), (5, 7), (256, 256), (600, 90), (1000, 1000), (257, 3), (643, 1024)]
@@ -37,7 +37,7 @@ def hf_processor(tiny_hf: Path) -> PixtralProcessor:
 
 @pytest.fixture(scope="module")
 def mistral_processor(tiny_mistral: Path) -> PixtralProcessor:
-    from server.models.loader import read_hf_config
+    from vlmserve.models.loader import read_hf_config
 
     return PixtralProcessor(tiny_mistral, read_hf_config(tiny_mistral))
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from server.cli import main as cli_main
-from server.models.loader import read_hf_config
-from server.models.registry import family_for_config, make_tiny_model
+from vlmserve.cli import main as cli_main
+from vlmserve.models.loader import read_hf_config
+from vlmserve.models.registry import family_for_config, make_tiny_model
 
 HF_FILES = {"config.json", "generation_config.json", "preprocessor_config.json", "processor_config.json",
             "tokenizer.json", "tokenizer_config.json", "model.safetensors"}
@@ -48,7 +48,7 @@ def test_loader_and_registry_map_both_formats_to_the_pixtral_family(tiny_hf: Pat
 
 
 def test_mistral_q_k_rows_are_stored_interleaved(tiny_hf: Path, tiny_mistral: Path) -> None:
-    from server.models.pixtral.mistral_format import interleaved_to_rotate_half
+    from vlmserve.models.pixtral.mistral_format import interleaved_to_rotate_half
 
     with safe_open(str(tiny_hf / "model.safetensors"), framework="pt") as f:
         hf_q = f.get_tensor("language_model.model.layers.0.self_attn.q_proj.weight")

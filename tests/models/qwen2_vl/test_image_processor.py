@@ -17,8 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
-from server.models.qwen2_vl.image_processor import Qwen2VLImageProcessor, smart_resize
-from server.models.qwen2_vl.tiny import make_tiny_qwen2_vl
+from vlmserve.models.qwen2_vl.image_processor import Qwen2VLImageProcessor, smart_resize
+from vlmserve.models.qwen2_vl.tiny import make_tiny_qwen2_vl
 
 SMALL_MAX_PIXELS = 28 * 28 * 64  # keeps "exceeds max_pixels" cases cheap
 

@@ -15,16 +15,16 @@ import torch
 from transformers import GenerationConfig
 from transformers import Qwen2VLForConditionalGeneration as HFQwen2VL
 
-import kernels
-from server.models.loader import load_model
-from server.models.qwen2_vl.config import Qwen2VLModelConfig
-from server.models.qwen2_vl.image_processor import Qwen2VLImageProcessor
-from server.models.qwen2_vl.model import Qwen2VLForConditionalGeneration
-from server.models.qwen2_vl.processor import qwen2_vl_pixel_values
-from server.models.qwen2_vl.video_processor import Qwen2VLVideoProcessor
-from server.models.qwen2_vl.tiny import make_tiny_qwen2_vl
-from server.multimodal.inputs import MultiModalItem
-from server.runner.forward_batch import ForwardBatch
+from vlmserve import kernels
+from vlmserve.models.loader import load_model
+from vlmserve.models.qwen2_vl.config import Qwen2VLModelConfig
+from vlmserve.models.qwen2_vl.image_processor import Qwen2VLImageProcessor
+from vlmserve.models.qwen2_vl.model import Qwen2VLForConditionalGeneration
+from vlmserve.models.qwen2_vl.processor import qwen2_vl_pixel_values
+from vlmserve.models.qwen2_vl.video_processor import Qwen2VLVideoProcessor
+from vlmserve.models.qwen2_vl.tiny import make_tiny_qwen2_vl
+from vlmserve.multimodal.inputs import MultiModalItem
+from vlmserve.runner.forward_batch import ForwardBatch
 
 ATOL, RTOL = 5e-5, 1e-5
 BLOCK_SIZE = 4

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
 
-from server.models.qwen2_vl.tiny import QWEN2_VL_CHAT_TEMPLATE, SPECIAL_TOKENS, make_tiny_qwen2_vl
+from vlmserve.models.qwen2_vl.tiny import QWEN2_VL_CHAT_TEMPLATE, SPECIAL_TOKENS, make_tiny_qwen2_vl
 
 CHECKPOINT_FILES = (
     "config.json",

@@ -32,9 +32,9 @@ from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor as HFQwen2VLProcessor
 
-from server.models.qwen2_vl.processor import Qwen2VLProcessor, mrope_positions, qwen2_vl_pixel_values
-from server.models.qwen2_vl.tiny import make_tiny_qwen2_vl
-from server.models.qwen2_vl.video_processor import Qwen2VLVideoProcessor, read_video_preprocessor_config
+from vlmserve.models.qwen2_vl.processor import Qwen2VLProcessor, mrope_positions, qwen2_vl_pixel_values
+from vlmserve.models.qwen2_vl.tiny import make_tiny_qwen2_vl
+from vlmserve.models.qwen2_vl.video_processor import Qwen2VLVideoProcessor, read_video_preprocessor_config
 
 _HF_VIDEO_MODULE = "transformers.models.qwen2_vl.video_processing_qwen2_vl"
 
