@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from vlmserve.multimodal.media import MediaConfig
+from vlmserve.multimodal.types import MediaConfig
 
 
 @dataclass(frozen=True)

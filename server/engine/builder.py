@@ -7,7 +7,8 @@
   mode and for the offline `LLM`, the caller's process.
 
 `build_engine` builds both in this process (the offline `LLM`, `vlmserve bench`);
-`build_core_client` builds what the server needs for its `engine_mode`.
+`core_client.build_core_client` builds what the server needs for its `engine_mode` (it imports
+this module; this module imports no client).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import torch
 
 from vlmserve import kernels
 from vlmserve.config import EngineConfig
-from vlmserve.engine.core_client import CoreClient, ProcessCoreClient, ThreadCoreClient
 from vlmserve.engine.engine_core import EngineCore
 from vlmserve.engine.scheduler import Scheduler
 from vlmserve.models import registry
@@ -135,22 +135,3 @@ def build_engine(config: EngineConfig) -> EngineParts:
     core = build_core(config, frontend.model_dir, lambda: frontend.processor.eos_token_ids)
     return EngineParts(core.core, frontend.processor, frontend.model_dir, core.max_model_len,
                        frontend.default_model_name)
-
-
-def build_core_client(config: EngineConfig) -> tuple[CoreClient, FrontendParts]:
-    """The server's engine, per `config.engine_mode`, not yet started. Process mode spawns the
-    engine-core process first: it imports torch and loads the weights while this process
-    builds the processor (then sends it the EOS ids, the one thing the core needs from it)."""
-    if config.engine_mode == "thread":
-        frontend = build_frontend(config)
-        parts = build_core(config, frontend.model_dir, lambda: frontend.processor.eos_token_ids)
-        return ThreadCoreClient(parts.core, parts.max_model_len, parts.num_kv_blocks), frontend
-    model_dir = resolve_model_dir(config.model)  # a hub download happens once, here
-    client = ProcessCoreClient(config, model_dir)
-    try:
-        frontend = build_frontend(config, model_dir)
-    except BaseException:
-        client.shutdown()
-        raise
-    client.send_init(frontend.processor.eos_token_ids)
-    return client, frontend
