@@ -22,7 +22,14 @@ from vlmserve.engine.llm import LLM
 from vlmserve.engine.sampling_params import SamplingParams
 from vlmserve.models.registry import TINY_MAKERS, make_tiny_model
 
-CHECKOUT = Path(vlmserve.__file__).resolve().parents[1]  # server/ → the repo root, in a checkout
+
+def _checkout() -> Path | None:
+    """The repo root holding tests/kernels: the editable install's, else the working directory
+    (a regular install run from a checkout, as scripts/gpu_check_on_device.sh does)."""
+    for root in (Path(vlmserve.__file__).resolve().parents[1], Path.cwd()):
+        if (root / "tests" / "kernels").is_dir():
+            return root
+    return None
 
 
 @dataclass(frozen=True)
@@ -56,14 +63,15 @@ def env(ctx: Context) -> dict[str, Any]:
 
 def kernels(ctx: Context) -> dict[str, Any]:
     """Runs tests/kernels under pytest on the device (the tests pick CUDA when it exists)."""
-    tests = CHECKOUT / "tests" / "kernels"
-    if not tests.is_dir():
-        return {"ok": None, "skipped": f"no {tests}: the kernel tests ship with a checkout, not the wheel"}
+    root = _checkout()
+    if root is None:
+        return {"ok": None, "skipped": "no tests/kernels here: the kernel tests ship with a checkout, not the wheel"}
+    tests = root / "tests" / "kernels"
     junit = ctx.path("kernels.xml")
     args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests), f"--junitxml={junit}"]
     if ctx.dry:
         args += ["-k", "rms_norm and float32"]  # enough to prove the harness; the rest is CI's
-    run = subprocess.run(args, cwd=CHECKOUT, capture_output=True, text=True, timeout=420)
+    run = subprocess.run(args, cwd=root, capture_output=True, text=True, timeout=420)
     ctx.path("kernels.log").write_text(run.stdout + run.stderr)
     suite = ET.parse(junit).getroot()
     suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
