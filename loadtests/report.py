@@ -48,7 +48,7 @@ def markdown(report: dict) -> str:
         "",
         f"{c['base_url']}, {c['duration_s']} s scheduled at {c['rate']} req/s base"
         + (f", x{c['spike_factor']} during {c['spike_window_s']} s" if c.get("spike_window_s") else "")
-        + f"; open loop, latencies timed from each request's intended send time.",
+        + "; open loop, latencies timed from each request's intended send time.",
         "",
         f"Requests: {req['scheduled']} scheduled, {req['succeeded']} succeeded, {req['failed']} failed.",
         "",
