@@ -48,11 +48,15 @@ class SchedulerStats:
 
 @dataclass
 class _EncoderPlan:
+    """What one chunk needs from the encoder cache; nothing is taken until `_commit_encoder`."""
+
     num_new_tokens: int
     to_encode: list[int] = field(default_factory=list)  # input ids to allocate and encode
+    hits: list[int] = field(default_factory=list)  # input ids already cached: take a reference
     # Same image twice in one prompt: the later copy hits the entry the first allocates.
     deferred_hits: list[int] = field(default_factory=list)
-    num_rows: int = 0
+    num_rows: int = 0  # rows to encode (the step's encoder budget)
+    num_pinned_rows: int = 0  # rows of unreferenced entries the hits take out of the evictable
 
 
 class Scheduler:
@@ -219,9 +223,6 @@ class Scheduler:
             if plan.num_new_tokens > 0 and (not needs_cross or self.cross_kv.can_allocate(request)):
                 new_blocks = self.kv_cache.allocate_slots(request, plan.num_new_tokens, hit_blocks)
             if new_blocks is None:
-                # Drop the refs planning took; the entries stay cached for the next try.
-                for input_id in self.encoder_cache.held_input_ids(request):
-                    self.encoder_cache.free_encoder_input(request, input_id)
                 break  # FCFS: nobody overtakes the head of the queue
             self.waiting.popleft()
             self.running.append(request)
@@ -319,27 +320,41 @@ class Scheduler:
         """Which items the chunk [start, start + num_new_tokens) needs encoded, shortening
         the chunk to end before the first item that cannot be encoded this step.
 
-        Items already cached are referenced now (the request needs them either way); items
-        wholly before `start` (prefix-cache hits, earlier chunks) are skipped."""
+        Items already cached become hits; items wholly before `start` (prefix-cache hits,
+        earlier chunks) are skipped. No side effects: the plan is taken by `_commit_encoder`.
+        Rows reserved so far (to encode, and of unreferenced entries the hits pin) are never
+        counted as evictable for a later item, so the commit cannot run out of rows."""
         plan = _EncoderPlan(num_new_tokens)
         end = start + num_new_tokens
-        planned: set[str] = set()
+        cache = self.encoder_cache
+        planned: set[str] = set()  # hashes this plan encodes
+        pinned: set[str] = set()  # hashes this plan references
         for i, item in enumerate(request.mm_items):
             if not all_items:
                 if item.offset >= end:
                     break
                 if item.offset + item.length <= start:
                     continue
-            if item.content_hash in planned:
+            content_hash = item.content_hash
+            reserved = plan.num_rows + plan.num_pinned_rows
+            if content_hash in planned:
                 plan.deferred_hits.append(i)
-            elif self.encoder_cache.has_cache(request, i):
+            elif cache.holds(request, i):
                 pass
-            elif self.encoder_cache.can_allocate(
-                request, i, budget - plan.num_rows, num_reserved_rows=plan.num_rows
+            elif cache.contains(content_hash) and (
+                content_hash in pinned
+                or reserved + cache.num_rows_pinned_by_hit(request, i) <= cache.num_freeable_rows
+            ):
+                if content_hash not in pinned:
+                    plan.num_pinned_rows += cache.num_rows_pinned_by_hit(request, i)
+                    pinned.add(content_hash)
+                plan.hits.append(i)
+            elif not cache.contains(content_hash) and cache.can_allocate(
+                request, i, budget - plan.num_rows, num_reserved_rows=reserved
             ):
                 plan.to_encode.append(i)
                 plan.num_rows += item.encoder_rows
-                planned.add(item.content_hash)
+                planned.add(content_hash)
             else:
                 # The chunk stops before the item; 0 tokens when it is already inside it, or
                 # when every item must be encoded now.
@@ -350,6 +365,9 @@ class Scheduler:
     def _commit_encoder(
         self, request: Request, plan: _EncoderPlan, encoder_inputs: dict[str, list[int]]
     ) -> None:
+        # Hits first: pinned, their entries cannot be evicted by the allocations below.
+        for i in plan.hits:
+            self.encoder_cache.has_cache(request, i)
         for i in plan.to_encode:
             self.encoder_cache.allocate(request, i)
         for i in plan.deferred_hits:
