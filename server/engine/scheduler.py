@@ -98,15 +98,27 @@ class Scheduler:
                 f"{self.block_size}): shorten the prompt or raise --kv-cache-memory-gb or --num-kv-blocks"
             )
         limit = min(self.config.encoder_cache_size, self.config.max_encoder_tokens_per_step)
+        limits = (f"encoder_cache_size={self.config.encoder_cache_size}, "
+                  f"max_encoder_tokens_per_step={self.config.max_encoder_tokens_per_step}")
         for item in request.mm_items:
             if item.encoder_rows > limit:
                 raise ValueError(
                     f"an {item.modality} needs {item.encoder_rows} encoder rows but at most "
-                    f"{limit} fit (encoder_cache_size={self.config.encoder_cache_size}, "
-                    f"max_encoder_tokens_per_step={self.config.max_encoder_tokens_per_step}): "
-                    "send a smaller image or raise --encoder-cache-size and --max-encoder-tokens-per-step"
+                    f"{limit} fit ({limits}): send a smaller image or raise --encoder-cache-size "
+                    "and --max-encoder-tokens-per-step"
                 )
         if any(item.cross_attn_tokens for item in request.mm_items):
+            # A cross-attention request has all its images encoded in the step that admits it
+            # (`schedule`): together they must fit one step, or it would wait at the head of
+            # the queue forever, and everyone behind it with it.
+            rows = sum({item.content_hash: item.encoder_rows for item in request.mm_items}.values())
+            if rows > limit:
+                raise ValueError(
+                    f"the {len(request.mm_items)} images need {rows} encoder rows together (this model "
+                    f"encodes all of a request's images at once) but at most {limit} fit ({limits}): "
+                    "send fewer or smaller images or raise --encoder-cache-size and "
+                    "--max-encoder-tokens-per-step"
+                )
             if self.cross_kv is None:
                 raise ValueError("this model has no cross-attention: its items must not carry cross_attn_tokens")
             if self.cross_kv.num_blocks_needed(request) > self.cross_kv.num_blocks:
