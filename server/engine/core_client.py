@@ -88,10 +88,17 @@ def run_step_loop(
     publish: Callable[[StepResult], None],
 ) -> None:
     """`next_inputs(block)` returns every pending input (waiting a while for one if `block`:
-    the core is idle), or None to stop. Exceptions of a step propagate: the engine is dead."""
+    the core is idle, or its last step could do nothing), or None to stop. Exceptions of a
+    step propagate: the engine is dead.
+
+    A step that did nothing (scheduled no token, preempted nothing, produced no output)
+    leaves the scheduler as it was: only an input (an abort, a new request) or the timeout
+    can change that, so the loop blocks on the inputs instead of spinning, and publishes
+    nothing for such a step."""
     num_steps = 0
+    stalled = False
     while True:
-        inputs = next_inputs(not core.has_unfinished_requests())
+        inputs = next_inputs(stalled or not core.has_unfinished_requests())
         if inputs is None:
             return
         rejected = []
@@ -104,11 +111,13 @@ def run_step_loop(
             else:
                 core.abort_requests(payload)
         outputs: list[EngineCoreOutput] = []
+        stalled = False
         if core.has_unfinished_requests():
             outputs = core.step()
             num_steps += 1
-        elif not inputs:
-            continue  # idle and nothing changed: send nothing
+            stalled = not outputs and not core.last_step_progressed
+        if not inputs and (stalled or not core.has_unfinished_requests() and not outputs):
+            continue  # idle or stalled, and nothing changed: send nothing
         publish(StepResult(outputs, rejected, core_stats(core, num_steps)))
 
 

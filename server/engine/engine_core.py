@@ -25,6 +25,9 @@ class EngineCore:
         self.runner = runner
         self.num_failed_steps = 0
         self._failures_in_a_row = 0
+        # Whether the last step changed anything (scheduled tokens or preempted requests):
+        # the step loop sleeps on its inputs after one that did not, instead of spinning.
+        self.last_step_progressed = False
 
     def add_request(self, request: Request) -> None:
         self.scheduler.add_request(request)
@@ -37,6 +40,9 @@ class EngineCore:
 
     def step(self) -> list[EngineCoreOutput]:
         scheduler_output = self.scheduler.schedule()
+        self.last_step_progressed = bool(
+            scheduler_output.total_num_scheduled_tokens or scheduler_output.preempted_req_ids
+        )
         try:
             runner_output = self.runner.execute(scheduler_output)
         except Exception:
