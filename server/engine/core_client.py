@@ -209,6 +209,8 @@ class ProcessCoreClient:
         self._threads: list[threading.Thread] = []
         self._stopping = False
         self._dead = False
+        self._on_dead: Callable[[str], None] | None = None
+        self._dead_lock = threading.Lock()
 
     @property
     def pid(self) -> int | None:
@@ -234,6 +236,8 @@ class ProcessCoreClient:
             self._proc.join(5)
             raise EngineStartupError(f"the engine process failed to load the model: {payload}")
 
+        self._on_dead = on_dead
+
         def read() -> None:
             try:
                 while True:
@@ -241,13 +245,14 @@ class ProcessCoreClient:
                     if kind == "step":
                         on_step(payload)
                     else:  # "dead": the child logged the traceback
-                        self._dead = True
-                        on_dead(payload)
+                        self._die(payload)
                         return
             except (EOFError, OSError):
                 if not self._stopping:
-                    self._dead = True
-                    on_dead(f"the engine process died ({_describe_exit(self._proc)}); restart the server")
+                    self._die(f"the engine process died ({_describe_exit(self._proc)}); restart the server")
+            except BaseException as e:  # unpickling, memory, a failing callback: nothing more arrives
+                logger.exception("the engine pipe reader failed")
+                self._die(f"the engine pipe reader failed: {e!r}")
 
         self._threads = [threading.Thread(target=read, name="engine-core-reader", daemon=True),
                          threading.Thread(target=self._write, name="engine-core-writer", daemon=True)]
@@ -274,8 +279,28 @@ class ProcessCoreClient:
                     _send(self._down, ("shutdown", None))
             except OSError:  # the child is gone; the reader reports it
                 return
+            except BaseException as e:  # pickling, memory: these inputs never reach the child
+                logger.exception("the engine pipe writer failed")
+                self._die(f"the engine pipe writer failed: {e!r}")
+                return
             if stop:
                 return
+
+    def _die(self, message: str) -> None:
+        """Once, from whichever pipe thread fails first: the engine is dead to this process
+        (`is_alive` False, `on_dead` fails every request in flight). Closing the down pipe
+        tells the child to exit, so it also stops reading into a half-lost state."""
+        with self._dead_lock:
+            if self._dead:
+                return
+            self._dead = True
+        if not self._stopping:
+            try:
+                self._down.close()
+            except OSError:
+                pass
+        if self._on_dead is not None:
+            self._on_dead(message)
 
     def add_request(self, request: Any) -> None:
         self._outbox.put(("add", request))
