@@ -10,29 +10,9 @@ import time
 from vlmserve.config import EngineConfig
 from vlmserve.engine.core_client import ThreadCoreClient
 from vlmserve.engine.engine_core import EngineCore
-from vlmserve.engine.outputs import RunnerOutput, SchedulerOutput
 from vlmserve.engine.scheduler import Scheduler
+from tests.engine.fake_runner import FakeRunner
 from tests.engine.test_scheduler import make_request
-
-
-class FakeRunner:
-    """Plays the model: a request whose known tokens are all computed samples `token`."""
-
-    class encoder:
-        num_encoded_items = 0
-
-    def __init__(self, scheduler: Scheduler, token: int = 7) -> None:
-        self.scheduler = scheduler
-        self.token = token
-        self.num_executed = 0
-
-    def execute(self, out: SchedulerOutput) -> RunnerOutput:
-        self.num_executed += 1
-        sampled = {}
-        for req_id in out.num_scheduled_tokens:
-            req = self.scheduler.requests[req_id]
-            sampled[req_id] = [self.token] if req.num_computed_tokens == req.num_tokens else []
-        return RunnerOutput(req_ids=list(out.num_scheduled_tokens), sampled_token_ids=sampled)
 
 
 def _thread_cpu_seconds(thread: threading.Thread) -> float:
