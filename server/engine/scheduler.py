@@ -9,6 +9,10 @@ waiting requests FCFS. A request's `num_computed_tokens` advances when it is sch
 `update` appends what the runner sampled. When a running request cannot get KV blocks, the
 last admitted running request is preempted (recompute): it frees everything and returns to
 the head of the waiting queue; no waiting request is admitted in a step that preempted.
+
+Never raises on an admitted request: what could never be scheduled is refused by `add_request`
+(`admission.py`). After a failed step (`fail_step`), the step's requests are retried in halves,
+one group alone per step, until the culprit is isolated (`culprit_search.py`).
 """
 
 from __future__ import annotations
