@@ -20,10 +20,12 @@ NUM_REQUESTS = 240
 CONCURRENCY = 24
 # 40 blocks of 16 tokens: a handful of long generations overflow it and preempt each other.
 ARGS = ("--engine-mode", "process", "--num-kv-blocks", "40", "--block-size", "16", "--max-model-len", "1024",
-        "--max-num-seqs", "16", "--max-encoder-tokens-per-step", "100", "--encoder-cache-size", "200",
+        "--max-num-seqs", "16", "--max-encoder-tokens-per-step", "40", "--encoder-cache-size", "48",
         "--max-image-pixels", "250000")
-IMAGES = [png_data_url(image(56 + 28 * i, 84, seed=i)) for i in range(4)]  # 6..15 image tokens each
-TOO_MANY_ENCODER_ROWS = png_data_url(image(336, 336, seed=9))  # 144 image tokens > 100 per step
+# 6..27 image tokens each: a few fill the 48-row encoder cache, so requests mixing new and
+# recently seen images keep evicting (the pressure under which planning once over-promised rows).
+IMAGES = [png_data_url(image(56 + 28 * i, 84, seed=i)) for i in range(8)]
+TOO_MANY_ENCODER_ROWS = png_data_url(image(336, 336, seed=9))  # 144 image tokens > 40 per step
 TOO_MANY_PIXELS = png_data_url(image(600, 500, seed=10))  # 300 000 px > --max-image-pixels
 
 
@@ -47,7 +49,7 @@ def _workload(rng: random.Random) -> list[tuple[str, tuple[str, dict], str]]:
         if kind == "text":
             jobs.append((kind, _chat(f"Question {i}: tell me something.", stream=rng.random() < 0.5, **sampling), "ok"))
         elif kind == "image":
-            imgs = rng.sample(IMAGES, rng.randint(1, 2))  # the four recur: encoder and prefix cache hits
+            imgs = rng.sample(IMAGES, rng.randint(1, 3))  # the eight recur: encoder and prefix cache hits
             jobs.append((kind, _chat("What is in this picture?", imgs, stream=rng.random() < 0.5, **sampling), "ok"))
         elif kind == "n":
             jobs.append((kind, _chat("Give me a name.", rng.sample(IMAGES, 1), n=3, **sampling), "ok"))
