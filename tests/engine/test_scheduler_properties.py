@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 
 from vlmserve.config import EngineConfig
 from vlmserve.engine.engine_core import EngineCore
-from vlmserve.engine.request import Request, RequestStatus
+from vlmserve.engine.request import Request
 from vlmserve.engine.sampling_params import SamplingParams
 from vlmserve.engine.scheduler import Scheduler
 from vlmserve.multimodal.inputs import MultiModalItem, ProcessedPrompt
