@@ -22,7 +22,7 @@ from typing import Any, AsyncIterator
 
 from PIL import Image
 
-from vlmserve.engine.client import RequestRejected
+from vlmserve.engine.client import EngineDeadError, RequestRejected
 from vlmserve.engine.core_client import CoreClient, StepResult
 from vlmserve.engine.detokenizer import IncrementalDetokenizer, text_token_ids
 from vlmserve.engine.metrics import EngineMetrics
@@ -32,10 +32,6 @@ from vlmserve.engine.sampling_params import SamplingParams
 from vlmserve.multimodal.inputs import ProcessedPrompt
 
 logger = logging.getLogger(__name__)
-
-
-class EngineDeadError(RuntimeError):
-    """The engine loop failed; the server must be restarted (``/health`` reports 503)."""
 
 
 @dataclass
