@@ -42,6 +42,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gpu-memory-utilization", type=float,
                    help="on CUDA, the fraction of device memory for weights, activations and the KV cache; the "
                         "cache gets what a profiled largest step leaves (default 0.9; --kv-cache-memory-gb overrides)")
+    g.add_argument("--tensor-parallel-size", type=int,
+                   help="split the language model over N ranks (N processes; NCCL on GPUs, one per rank, gloo on "
+                        "CPUs); vision towers run replicated on every rank (default 1)")
     g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false", default=None)
     g.add_argument("--max-model-len", type=int)
     g.add_argument("--max-num-batched-tokens", type=int)
@@ -54,7 +57,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
 
 ENGINE_FLAGS = (
     "dtype", "device", "kernel_backend", "seed", "block_size", "num_kv_blocks", "kv_cache_memory_gb", "num_cross_kv_blocks",
-    "gpu_memory_utilization",
+    "gpu_memory_utilization", "tensor_parallel_size",
     "enable_prefix_caching", "max_model_len", "max_num_batched_tokens", "max_num_seqs",
     "max_encoder_tokens_per_step", "encoder_cache_size", "min_pixels", "max_pixels", "engine_mode",
 )  # fmt: skip

@@ -31,6 +31,9 @@ class EngineConfig:
     # step (engine/memory.py); elsewhere 1 GiB.
     kv_cache_memory_gb: float | None = None
     gpu_memory_utilization: float = 0.9
+    # Ranks the decoder is split over (runner/tensor_parallel.py): rank 0 is the engine core,
+    # the others are worker processes it drives; 1 is the plain single-process engine.
+    tensor_parallel_size: int = 1
     enable_prefix_caching: bool = True
     # Scheduling.
     max_model_len: int | None = None  # None: the checkpoint's max_position_embeddings
@@ -54,7 +57,8 @@ class EngineConfig:
             raise ValueError(f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
         if self.kernel_backend not in ("auto", "triton", "torch"):
             raise ValueError(f"kernel_backend must be auto, triton or torch, got {self.kernel_backend!r}")
-        for name in ("block_size", "max_num_batched_tokens", "max_num_seqs", "max_encoder_tokens_per_step"):
+        for name in ("block_size", "max_num_batched_tokens", "max_num_seqs", "max_encoder_tokens_per_step",
+                     "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0 < self.gpu_memory_utilization <= 1:

@@ -31,7 +31,9 @@ from vlmserve.engine.scheduler import Scheduler
 from vlmserve.models import registry
 from vlmserve.models.loader import load_model, read_hf_config, resolve_model_dir
 from vlmserve.multimodal.inputs import ProcessedPrompt
-from vlmserve.runner.model_runner import ModelRunner, kv_block_bytes
+from vlmserve.models.layers.parallel import SINGLE
+from vlmserve.runner.model_runner import kv_block_bytes
+from vlmserve.runner.tensor_parallel import TPWorkers, make_runner, rank_device
 
 logger = logging.getLogger(__name__)
 
@@ -94,12 +96,33 @@ def build_frontend(config: EngineConfig, model_dir: Path | None = None) -> Front
 
 def build_core(config: EngineConfig, model_dir: Path, eos_token_ids: Callable[[], Iterable[int]]) -> CoreParts:
     """`eos_token_ids` is called once the weights are loaded: the processor that knows them may
-    be built meanwhile, in another process (the engine-core process receives them by pipe)."""
+    be built meanwhile, in another process (the engine-core process receives them by pipe).
+
+    With `tensor_parallel_size` N > 1 this process is rank 0: it starts the N - 1 worker
+    processes first (`runner/tensor_parallel.py`), and every runner built here is mirrored on
+    them (the KV cache is sized here, once, for all ranks)."""
     kernels.set_backend(config.kernel_backend)
     torch.manual_seed(config.seed)
     hf_config = read_hf_config(model_dir)
     device = resolve_device(config.device)
-    model, model_config = load_model(model_dir, dtype=config.dtype, device=device)
+    workers = None
+    if config.tensor_parallel_size > 1:
+        device = rank_device(device, 0)
+        workers = TPWorkers(config, model_dir, device)
+    try:
+        return _build_core(config, model_dir, eos_token_ids, hf_config, device, workers)
+    except BaseException:
+        if workers is not None:
+            workers.close()
+        raise
+
+
+def _build_core(
+    config: EngineConfig, model_dir: Path, eos_token_ids: Callable[[], Iterable[int]], hf_config: dict[str, Any],
+    device: torch.device, workers: TPWorkers | None,
+) -> CoreParts:
+    tp = workers.tp if workers is not None else SINGLE
+    model, model_config = load_model(model_dir, dtype=config.dtype, device=device, tp=tp)
     dtype = next(model.parameters()).dtype
 
     max_model_len = context_length(config.max_model_len, model_config)
@@ -107,7 +130,9 @@ def build_core(config: EngineConfig, model_dir: Path, eos_token_ids: Callable[[]
     cross_block_bytes = kv_block_bytes(model, config.block_size, dtype, cross=True) if model.cross_kv_cache_spec else 0
     if config.num_kv_blocks is None and config.kv_cache_memory_gb is None and device.type == "cuda":
         mem = memory.CudaMemory(device)
-        peak = memory.profile_activation_peak(mem, lambda: _profile_step(model, config, dtype, device, max_model_len))
+        peak = memory.profile_activation_peak(
+            mem, lambda: _profile_step(model, workers, config, dtype, device, max_model_len)
+        )
         plan = memory.plan_kv_cache(mem, config.gpu_memory_utilization, peak, block_bytes, cross_block_bytes)
         logger.info("KV cache sized from device memory: %s", plan.describe())
         num_blocks, sized_cross_blocks = plan.num_blocks, plan.num_cross_blocks
@@ -121,8 +146,9 @@ def build_core(config: EngineConfig, model_dir: Path, eos_token_ids: Callable[[]
     if model.cross_kv_cache_spec is not None:
         # No cross-attention layers (a config may list none): blocks are bookkeeping only, free.
         num_cross_blocks = config.num_cross_kv_blocks or (max(2, sized_cross_blocks) if cross_block_bytes else 1 << 16)
-    runner = ModelRunner(
+    runner = make_runner(
         model,
+        workers,
         num_blocks=num_blocks,
         block_size=config.block_size,
         dtype=dtype,
@@ -139,7 +165,10 @@ def build_core(config: EngineConfig, model_dir: Path, eos_token_ids: Callable[[]
     return CoreParts(EngineCore(scheduler, runner), max_model_len, num_blocks)
 
 
-def _profile_step(model: Any, config: EngineConfig, dtype: torch.dtype, device: torch.device, max_model_len: int) -> int:
+def _profile_step(
+    model: Any, workers: TPWorkers | None, config: EngineConfig, dtype: torch.dtype, device: torch.device,
+    max_model_len: int,
+) -> int:
     """One step at the largest batch the config allows, over a throwaway KV cache just big
     enough: `max_num_batched_tokens` prompt tokens over up to `max_num_seqs` requests, each
     completing its prefill, so every row is sampled. Returns the throwaway cache's bytes."""
@@ -147,8 +176,8 @@ def _profile_step(model: Any, config: EngineConfig, dtype: torch.dtype, device: 
     num_blocks = memory.profile_blocks(config.max_num_batched_tokens, seqs, config.block_size)
     # No prefix caching: the dummy prompts must all be computed.
     profile_config = dataclasses.replace(config, enable_prefix_caching=False)
-    runner = ModelRunner(model, num_blocks=num_blocks, block_size=config.block_size, dtype=dtype, device=device,
-                         eos_token_ids=frozenset(), seed=config.seed)
+    runner = make_runner(model, workers, num_blocks=num_blocks, block_size=config.block_size, dtype=dtype,
+                         device=device, eos_token_ids=frozenset(), seed=config.seed)
     core = EngineCore(Scheduler(profile_config, num_blocks, max_model_len), runner)
     base, extra = divmod(config.max_num_batched_tokens, seqs)
     for i in range(seqs):

@@ -14,6 +14,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from vlmserve.models.registry import family_for_config
+from vlmserve.models.layers.parallel import SINGLE, TPGroup
 
 logger = logging.getLogger(__name__)
 
@@ -122,10 +123,12 @@ def resolve_dtype(dtype: str | torch.dtype, checkpoint_dtype: str | None, device
 
 
 def load_model(
-    model_dir: str | Path, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu", progress: bool = True
+    model_dir: str | Path, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu", progress: bool = True,
+    tp: TPGroup = SINGLE,
 ) -> tuple[torch.nn.Module, Any]:
     """Build the family's model for `model_dir` and load its weights. Returns (model in eval
-    mode, the family's parsed model config). Raises on any missing or unexpected weight."""
+    mode, the family's parsed model config). Raises on any missing or unexpected weight.
+    `tp`: this rank's tensor-parallel group; the model keeps only its shard of the weights."""
     model_dir = Path(model_dir)
     hf_config = read_hf_config(model_dir)
     family = family_for_config(hf_config)
@@ -133,7 +136,16 @@ def load_model(
     device = torch.device(device)
     torch_dtype = resolve_dtype(dtype, getattr(model_config, "checkpoint_dtype", None), device)
     logger.info("building %s (%s) on %s in %s", family.name, hf_config["architectures"][0], device, torch_dtype)
-    model = family.model_class()(model_config, torch_dtype, device)
+    cls = family.model_class()
+    if tp.size == 1:
+        model = cls(model_config, torch_dtype, device)
+    elif not getattr(cls, "supports_tensor_parallel", False):
+        raise ValueError(
+            f"--tensor-parallel-size {tp.size}: the {family.name} family does not support tensor parallelism yet; "
+            "serve it with --tensor-parallel-size 1"
+        )
+    else:
+        model = cls(model_config, torch_dtype, device, tp=tp)
     with torch.no_grad():
         model.load_weights(iter_safetensors(model_dir, progress=progress))
     model.eval()

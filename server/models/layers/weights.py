@@ -1,10 +1,14 @@
 """Bookkeeping for `load_weights`: which parameters (and which shards of fused ones) a
-checkpoint filled, so a load fails naming every missing or unexpected tensor."""
+checkpoint filled, so a load fails naming every missing or unexpected tensor. Under tensor
+parallelism each checkpoint tensor is first narrowed to this rank's slice (`layers/parallel.py`);
+families declare fused shards by their full row counts either way."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from vlmserve.models.layers.parallel import tp_splits_of
 
 # Checkpoint tensors that carry no weights: recomputed buffers some exporters saved.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_pos_emb.inv_freq")
@@ -24,8 +28,15 @@ class WeightLoadTracker:
         }
         self.filled: set[tuple[str, str]] = set()
         self.unexpected: list[str] = []
+        self.tp_splits = tp_splits_of(module)
 
     def declare_fused(self, param_name: str, shards: list[tuple[str, int]]) -> None:
+        """`shards`: (label, rows in the checkpoint), in row order; a tensor-parallel
+        parameter holds only this rank's rows of each."""
+        if param_name in self.tp_splits:
+            dim, splits = self.tp_splits[param_name]
+            assert dim == 0, f"{param_name}: fused shards are rows"
+            shards = [(label, splits[label](rows)[1]) for label, rows in shards]
         total = sum(rows for _, rows in shards)
         rows_here = self.params[param_name].shape[0]
         if total != rows_here:
@@ -49,6 +60,13 @@ class WeightLoadTracker:
         layout = {label: (start, rows) for label, start, rows in self.shards[param_name]}
         if shard not in layout:
             raise ValueError(f"{source}: {param_name} has no shard {shard!r} (shards: {sorted(layout)})")
+        if param_name in self.tp_splits:
+            dim, splits = self.tp_splits[param_name]
+            split = splits.get(shard) or splits.get("")
+            if split is None:
+                raise ValueError(f"{source}: {param_name} has no tensor-parallel split for shard {shard!r}")
+            first, length = split(tensor.shape[dim])
+            tensor = tensor.narrow(dim, first, length)
         param = self.params[param_name]
         start, rows = layout[shard]
         target = param.data if shard == "" else param.data[start : start + rows]

@@ -17,6 +17,11 @@ K/V are k_norm(k_proj(rows)) and v_proj(rows) of the request's cross rows, writt
   rows and row_mask = 0 (transformers' `full_text_row_masked_out_mask`);
 - otherwise it attends to `cross.ranges[t]` and row_mask = 1.
 Row layout and ranges are the processor's (see `processor.py`).
+
+Tensor parallelism (`tp`): self- and cross-attention split by q heads and KV heads (as the
+shared decoder), MLPs by intermediate rows, embedding and LM head by vocabulary; the
+vision tower and projector are replicated on every rank (each rank writes its KV heads of
+the cross K/V from the same rows).
 """
 
 from __future__ import annotations
@@ -32,6 +37,10 @@ from vlmserve import kernels
 from vlmserve.models.interfaces import KVCacheSpec
 from vlmserve.models.layers.decoder import GatedMLP, PagedSelfAttention
 from vlmserve.models.layers.norm import RMSNorm
+from vlmserve.models.layers.parallel import (
+    SINGLE, ColumnParallelLinear, ParallelLMHead, RowParallelLinear, TPGroup, VocabParallelEmbedding, divide,
+    even_split, kv_head_split, local_kv_heads, parallel_logits,
+)
 from vlmserve.models.layers.rotary import rope_cos_sin, scaled_rope_inv_freq
 from vlmserve.models.layers.weights import IGNORED_SUFFIXES, WeightLoadTracker
 from vlmserve.models.mllama.config import MllamaModelConfig
@@ -44,15 +53,15 @@ Device = torch.device | str
 
 
 class MllamaSelfAttentionLayer(nn.Module):
-    def __init__(self, cfg: MllamaModelConfig, cache_idx: int, dtype: torch.dtype, device: Device) -> None:
+    def __init__(self, cfg: MllamaModelConfig, cache_idx: int, dtype: torch.dtype, device: Device, tp: TPGroup) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.self_attn = PagedSelfAttention(
             cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cache_idx,
-            qkv_bias=False, dtype=dtype, device=device,
+            qkv_bias=False, dtype=dtype, device=device, tp=tp,
         )
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, dtype, device, cfg.hidden_act)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, dtype, device, cfg.hidden_act, tp)
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, batch)
@@ -60,16 +69,20 @@ class MllamaSelfAttentionLayer(nn.Module):
 
 
 class MllamaCrossAttention(nn.Module):
-    def __init__(self, cfg: MllamaModelConfig, cross_idx: int, dtype: torch.dtype, device: Device) -> None:
+    def __init__(self, cfg: MllamaModelConfig, cross_idx: int, dtype: torch.dtype, device: Device, tp: TPGroup) -> None:
         super().__init__()
         self.cross_idx = cross_idx
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.head_dim = cfg.head_dim
+        # This rank's heads (see layers/decoder.PagedSelfAttention).
+        self.num_heads = divide(cfg.num_attention_heads, tp, "the number of attention heads")
+        self.num_kv_heads = local_kv_heads(cfg.num_key_value_heads, tp)
         self.kv_size = self.num_kv_heads * self.head_dim
-        h = cfg.hidden_size
-        self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=False, dtype=dtype, device=device)
+        h, q_full, kv_full = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+        self.q_proj = ColumnParallelLinear(h, [("", q_full, even_split(tp))], False, dtype, device)
         # Rows: k (Hkv * D), then v (Hkv * D); applied to image rows only, in write_kv.
-        self.kv_proj = nn.Linear(h, 2 * self.kv_size, bias=False, dtype=dtype, device=device)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=False, dtype=dtype, device=device)
+        kv = kv_head_split(tp, cfg.num_key_value_heads, cfg.head_dim)
+        self.kv_proj = ColumnParallelLinear(h, [("k_proj", kv_full, kv), ("v_proj", kv_full, kv)], False, dtype, device)
+        self.o_proj = RowParallelLinear(q_full, h, False, tp, dtype, device)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, dtype, device)
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, dtype, device)
 
@@ -91,13 +104,13 @@ class MllamaCrossAttention(nn.Module):
 
 
 class MllamaCrossAttentionLayer(nn.Module):
-    def __init__(self, cfg: MllamaModelConfig, cross_idx: int, dtype: torch.dtype, device: Device) -> None:
+    def __init__(self, cfg: MllamaModelConfig, cross_idx: int, dtype: torch.dtype, device: Device, tp: TPGroup) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-        self.cross_attn = MllamaCrossAttention(cfg, cross_idx, dtype, device)
+        self.cross_attn = MllamaCrossAttention(cfg, cross_idx, dtype, device, tp)
         self.cross_attn_attn_gate = nn.Parameter(torch.empty(1, dtype=dtype, device=device))
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, dtype, device, cfg.hidden_act)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, dtype, device, cfg.hidden_act, tp)
         self.cross_attn_mlp_gate = nn.Parameter(torch.empty(1, dtype=dtype, device=device))
 
     def forward(
@@ -112,15 +125,15 @@ class MllamaCrossAttentionLayer(nn.Module):
 
 
 class MllamaTextModel(nn.Module):
-    def __init__(self, cfg: MllamaModelConfig, dtype: torch.dtype, device: Device) -> None:
+    def __init__(self, cfg: MllamaModelConfig, dtype: torch.dtype, device: Device, tp: TPGroup) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.num_embeddings, cfg.hidden_size, dtype=dtype, device=device)
+        self.embed_tokens = VocabParallelEmbedding(cfg.num_embeddings, cfg.hidden_size, tp, dtype, device)
         layers: list[nn.Module] = []
         for i in range(cfg.num_hidden_layers):
             if i in cfg.cross_attention_layers:
-                layers.append(MllamaCrossAttentionLayer(cfg, cfg.cross_attention_layers.index(i), dtype, device))
+                layers.append(MllamaCrossAttentionLayer(cfg, cfg.cross_attention_layers.index(i), dtype, device, tp))
             else:
-                layers.append(MllamaSelfAttentionLayer(cfg, cfg.self_attention_layers.index(i), dtype, device))
+                layers.append(MllamaSelfAttentionLayer(cfg, cfg.self_attention_layers.index(i), dtype, device, tp))
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
 
@@ -129,21 +142,22 @@ class MllamaForConditionalGeneration(nn.Module):
     """Parameters are allocated uninitialised: `load_weights` must run before use."""
 
     uses_mrope = False
+    supports_tensor_parallel = True  # the decoder is split (`tp`); the vision tower is replicated
 
-    def __init__(self, config: MllamaModelConfig, dtype: torch.dtype, device: Device) -> None:
+    def __init__(self, config: MllamaModelConfig, dtype: torch.dtype, device: Device, tp: TPGroup = SINGLE) -> None:
         super().__init__()
         self.config = config
-        self.kv_cache_spec = KVCacheSpec(len(config.self_attention_layers), config.num_key_value_heads, config.head_dim)
-        self.cross_kv_cache_spec = KVCacheSpec(
-            len(config.cross_attention_layers), config.num_key_value_heads, config.head_dim
-        )
+        self.tp = tp
+        kv_heads = local_kv_heads(config.num_key_value_heads, tp)  # this rank's
+        self.kv_cache_spec = KVCacheSpec(len(config.self_attention_layers), kv_heads, config.head_dim)
+        self.cross_kv_cache_spec = KVCacheSpec(len(config.cross_attention_layers), kv_heads, config.head_dim)
         meta = torch.device("meta")
         self.vision_model = MllamaVisionModel(config.vision, dtype, meta)
         self.multi_modal_projector = nn.Linear(
             config.vision.vision_output_dim, config.hidden_size, dtype=dtype, device=meta
         )
-        self.language_model = MllamaTextModel(config, dtype, meta)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype, device=meta)
+        self.language_model = MllamaTextModel(config, dtype, meta, tp)
+        self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size, tp, dtype, meta)
         self.to_empty(device=device)
         inv_freq = scaled_rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling, device)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
@@ -228,7 +242,7 @@ class MllamaForConditionalGeneration(nn.Module):
         return self.language_model.norm(h)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head.weight).float()
+        return parallel_logits(hidden, self.lm_head.weight, self.config.vocab_size, self.tp)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Accepts the published names (`language_model.model.*`, `language_model.lm_head.*`,
