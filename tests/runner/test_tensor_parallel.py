@@ -51,3 +51,15 @@ def test_two_gloo_ranks_return_the_tokens_of_one(family_id, tmp_path):
     finally:
         parallel.runner.workers.close()
     assert got == expected
+
+
+@pytest.mark.parametrize("family_id", list(FAMILIES))
+def test_a_size_that_does_not_divide_the_heads_is_refused_at_load(family_id, tmp_path):
+    from vlmserve.models.layers.parallel import TPGroup
+    from vlmserve.models.loader import load_model
+
+    family, kwargs = FAMILIES[family_id]
+    ckpt = make_tiny_model(family, tmp_path / family_id, seed=0, **kwargs)
+    # Every tiny decoder has 4 attention heads; the refusal comes before any collective.
+    with pytest.raises(ValueError, match=r"--tensor-parallel-size 3 does not divide the number of attention heads"):
+        load_model(ckpt, device="cpu", progress=False, tp=TPGroup(0, 3))
