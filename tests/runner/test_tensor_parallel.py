@@ -4,12 +4,15 @@ one batch mixing text-only and image requests, with chunked prefill and decode."
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+
 import pytest
 
 from vlmserve.engine.sampling_params import SamplingParams
 from vlmserve.models.registry import make_tiny_model
 from vlmserve.runner.tensor_parallel import TPRunner
-from tests.utils import image, make_llm, user
+from tests.utils import image, make_llm, user, wait_process_exited
 
 FAMILIES = {
     "qwen2_vl": ("qwen2_vl", {}),
@@ -63,3 +66,53 @@ def test_a_size_that_does_not_divide_the_heads_is_refused_at_load(family_id, tmp
     # Every tiny decoder has 4 attention heads; the refusal comes before any collective.
     with pytest.raises(ValueError, match=r"--tensor-parallel-size 3 does not divide the number of attention heads"):
         load_model(ckpt, device="cpu", progress=False, tp=TPGroup(0, 3))
+
+
+def _tp_workers_of(pid: int) -> list[int]:
+    """Pids of the tensor-parallel worker processes whose parent is `pid`."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            ppid = int((proc / "stat").read_text().rpartition(")")[2].split()[1])
+        except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+            continue
+        if ppid == pid and b"vlmserve.runner.tensor_parallel" in cmdline:
+            found.append(int(proc.name))
+    return found
+
+
+async def test_the_engine_process_drives_its_worker_and_takes_it_down_at_shutdown(tiny_ckpt):
+    """What `vlmserve serve --tensor-parallel-size 2` runs: the engine-core process is rank 0
+    and starts the worker itself; the server's tokens equal the single-rank engine's."""
+    from vlmserve.config import EngineConfig
+    from vlmserve.engine.async_engine import AsyncEngine
+    from vlmserve.engine.core_client import build_core_client
+
+    async def tokens(**overrides) -> tuple[list[list[int]], list[int]]:
+        config = EngineConfig(model=str(tiny_ckpt), num_kv_blocks=128, max_model_len=1024, kernel_backend="torch",
+                              device="cpu", **overrides)
+        core, frontend = await asyncio.to_thread(build_core_client, config)
+        engine = AsyncEngine(core, frontend.processor, model_name="tiny")
+        await engine.start()
+        workers = _tp_workers_of(core.pid) if hasattr(core, "pid") else []
+        try:
+            out = []
+            for i, text in enumerate(["Describe it.", "What colour?"]):
+                img = image(80 + 16 * i, 64, seed=7 + i)
+                prompt = await engine.render_chat([user(img, text)], [img])
+                got = []
+                async for chunk in engine.generate(prompt, SamplingParams(temperature=0.0, max_tokens=8), f"r{i}"):
+                    got += chunk.token_ids
+                out.append(got)
+        finally:
+            await engine.shutdown()
+        return out, workers
+
+    expected, _ = await tokens(engine_mode="thread")
+    got, workers = await tokens(engine_mode="process", tensor_parallel_size=2)
+    assert got == expected
+    assert len(workers) == 1
+    assert wait_process_exited(workers[0], timeout=30), "the worker outlived its engine"
