@@ -6,7 +6,8 @@ InternViT `vision_config`, a Qwen2 `llm_config` that keeps the real `"model_type
 `preprocessor_config.json`, a Qwen2-style byte-level BPE tokenizer with the 22 Qwen2.5 added
 tokens (`tokenizer.json`, `tokenizer_config.json` with the real Qwen2.5 chat template, which
 NVLM-D's chat() does not use, `special_tokens_map.json`), and the weights under the published
-names, sharded (`model-0000k-of-0000n.safetensors` + `model.safetensors.index.json`).
+names: `model.safetensors`, as the golden fixture's checkpoint, or with `shards=n` sharded as
+the hub repo is (`model-0000k-of-0000n.safetensors` + `model.safetensors.index.json`).
 
 The vision attention is padded as in the real checkpoint: 7 zero "dummy" heads in qkv, in the
 q/k norms and in proj's input columns (the loader strips them).
@@ -38,7 +39,6 @@ EXTRA_TOKENS = (
 )
 _VISION = dict(hidden=32, heads=2, intermediate=128, layers=3, patch=14)
 _TEXT = dict(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2)
-SHARDS = 2
 
 # tokenizer_config.json's chat_template in nvidia/NVLM-D-72B (Qwen2.5's).
 QWEN25_CHAT_TEMPLATE = (
@@ -281,7 +281,9 @@ def _save_sharded(weights: dict[str, torch.Tensor], out: Path, shards: int) -> N
     _write_json(out / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
-def make_tiny_nvlm_d(out_dir: str | Path, seed: int = 0, image_size: int = 448, max_dynamic_patch: int = 6) -> Path:
+def make_tiny_nvlm_d(
+    out_dir: str | Path, seed: int = 0, image_size: int = 448, max_dynamic_patch: int = 6, shards: int = 1
+) -> Path:
     """Write the tiny checkpoint into `out_dir` (created if missing) and return its path.
     `image_size` (tile side, a multiple of 28) and `max_dynamic_patch` default to NVLM-D-72B's;
     tests pass smaller tiles to keep prompts short."""
@@ -299,5 +301,9 @@ def make_tiny_nvlm_d(out_dir: str | Path, seed: int = 0, image_size: int = 448, 
     _write_json(out / "special_tokens_map.json", _special_tokens_map())
     _write_json(out / "config.json", _config(ids, vocab_size, image_size, max_dynamic_patch))
     _write_json(out / "preprocessor_config.json", _preprocessor_config(image_size))
-    _save_sharded(_weights(vocab_size, num_tokens, image_size, seed), out, SHARDS)
+    weights = _weights(vocab_size, num_tokens, image_size, seed)
+    if shards > 1:
+        _save_sharded(weights, out, shards)
+    else:
+        save_file({n: t.contiguous() for n, t in weights.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
     return out
