@@ -159,8 +159,20 @@ class NVLMDProcessor:
         return list(dict.fromkeys(int(i) for i in ids if i is not None))
 
     def generation_defaults(self) -> dict[str, Any]:
-        """The model card's `generation_config`: greedy (do_sample=False)."""
-        return {"temperature": 0.0}
+        """Sampling defaults named as in SamplingParams: generation_config.json's where the
+        checkpoint has one (as in transformers, greedy unless `do_sample`), else the model
+        card's `generation_config` (do_sample=False: greedy)."""
+        cfg = self.generation_config
+        out: dict[str, Any] = {}
+        if cfg.get("repetition_penalty") is not None:
+            out["repetition_penalty"] = float(cfg["repetition_penalty"])
+        if not cfg.get("do_sample", False):
+            out["temperature"] = 0.0
+            return out
+        for key, cast in (("temperature", float), ("top_p", float), ("top_k", int)):
+            if cfg.get(key) is not None:
+                out[key] = cast(cfg[key])
+        return out
 
     def render_chat(
         self,

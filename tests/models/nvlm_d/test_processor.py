@@ -128,3 +128,15 @@ def test_text_only_and_completion_prompts(processor):
     )
     assert prompt.prompt_token_ids == processor.tokenizer(prompt.prompt_text)["input_ids"]
     assert processor.eos_token_ids[0] == processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+
+def test_generation_defaults_are_greedy_without_a_generation_config(processor, golden, tmp_path):
+    assert processor.generation_defaults() == {"temperature": 0.0}
+    import json
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(golden / "checkpoint", ckpt)
+    (ckpt / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.6, "top_p": 0.9}))
+    sampled = NVLMDProcessor(ckpt, read_hf_config(ckpt))
+    assert sampled.generation_defaults() == {"temperature": 0.6, "top_p": 0.9}
