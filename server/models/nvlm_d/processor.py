@@ -12,9 +12,10 @@ tokenizer_config.json (Qwen2.5's) is not what the official code uses, and is not
 Where an image goes (the official `chat()` takes a question string with `<image>` marks):
 - a user message's text that holds as many `<image>` marks as the message has images keeps
   them where they are;
-- one image and no mark: `<image>\\n` + text, as `chat()` prepends it;
-- several images and no marks: each image part in place as `<image>\\n` (no newline when the
-  next text already starts with one).
+- no marks, every image after all the text (OpenAI's usual [text, image]): `<image>\\n` per
+  image, then the text, as `chat()` prepends `<image>\\n` to a question without a mark;
+- otherwise each image part in place as `<image>\\n`, without the newline when the text that
+  follows starts with whitespace (a question split at its marks: [image, "\\nQ"]).
 Then each `<image>`, in order, becomes `<Image>` + (`<tile_k>` + `<|vision_pad|>` x 256 for the
 grid's tiles, `<tile_global_thumbnail>` + pads for the last tile) + `</Image>`. The tile tags
 are plain text (several BPE tokens each). The whole query is tokenized once, as `chat()` does.
@@ -76,16 +77,22 @@ def _message_text(message: dict[str, Any], index: int) -> tuple[str, int]:
             f"messages[{index}]: its text has {marks} {IMAGE_MARK} mark(s) but the message has {images} image(s); "
             f"write one {IMAGE_MARK} per image, or none to place them automatically"
         )
-    if images == 1:
-        return IMAGE_MARK + "\n" + "".join(texts), 1
+    kinds = [p.get("type") for p in parts]
+    last_text = max((i for i, k in enumerate(kinds) if k == "text"), default=-1)
+    if last_text >= 0 and kinds.index("image") > last_text:
+        # Every image after all the text (OpenAI's usual [text, image]): images first, as
+        # chat() prepends "<image>\n" to a question without a mark.
+        return (IMAGE_MARK + "\n") * images + "".join(texts), images
     out: list[str] = []
     for i, part in enumerate(parts):
         if part.get("type") == "text":
             out.append(part.get("text", ""))
             continue
+        # In place; the "\n" chat()'s prefix has, unless the text that follows starts with
+        # whitespace of its own (a question split at its marks: "<image>\nQ" -> [image, "\nQ"]).
         nxt = parts[i + 1] if i + 1 < len(parts) else None
-        joined = nxt is not None and nxt.get("type") == "text" and nxt.get("text", "").startswith("\n")
-        out.append(IMAGE_MARK if joined else IMAGE_MARK + "\n")
+        spaced = nxt is not None and nxt.get("type") == "text" and nxt.get("text", "")[:1].isspace()
+        out.append(IMAGE_MARK if spaced else IMAGE_MARK + "\n")
     return "".join(out), images
 
 

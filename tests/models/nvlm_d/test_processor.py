@@ -56,9 +56,11 @@ def test_text_after_the_image_goes_first_too(processor):
     a = processor.render_chat([user_turn(question)], [img])
     b = processor.render_chat([{"role": "user", "content": [{"type": "text", "text": question}, {"type": "image"}]}],
                               [img])
+    split = processor.render_chat(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\n" + question}]}], [img])
     marked = processor.render_chat(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "<image>\n" + question}]}], [img])
-    assert a.prompt_token_ids == b.prompt_token_ids == marked.prompt_token_ids
+    assert a.prompt_token_ids == b.prompt_token_ids == split.prompt_token_ids == marked.prompt_token_ids
 
 
 def test_query_follows_the_chatml_template_of_conversation_py():
@@ -76,6 +78,13 @@ def test_query_follows_the_chatml_template_of_conversation_py():
         "<|im_start|>user\n<image>\nWhat is it?<|im_end|><|im_start|>assistant\nA cat.<|im_end|>"
         "<|im_start|>user\nImage-1: <image>\nImage-2: <image>\nCompare.<|im_end|><|im_start|>assistant\n"
     )
+    # A question split at its marks keeps its own whitespace; images after all text go first.
+    split, _ = build_query([{"role": "user", "content": [{"type": "text", "text": "Describe "}, {"type": "image"},
+                                                          {"type": "text", "text": " please."}]}])
+    assert "<|im_start|>user\nDescribe <image> please.<|im_end|>" in split
+    trailing, _ = build_query([{"role": "user", "content": [{"type": "text", "text": "Compare."}, {"type": "image"},
+                                                             {"type": "image"}]}])
+    assert "<|im_start|>user\n<image>\n<image>\nCompare.<|im_end|>" in trailing
     system, _ = build_query([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
     assert system == "<|im_start|>system\nBe brief.<|im_end|><|im_start|>user\nHi<|im_end|><|im_start|>assistant\n"
 
