@@ -160,11 +160,8 @@ class NVLMDModelConfig:
                 f"config.json select_layer {self.select_layer} is out of range for "
                 f"{self.vision.num_hidden_layers} vision layers"
             )
-        if not 1 <= self.min_dynamic_patch <= self.max_dynamic_patch:
-            raise ValueError(
-                f"config.json needs 1 <= min_dynamic_patch ({self.min_dynamic_patch}) <= max_dynamic_patch "
-                f"({self.max_dynamic_patch})"
-            )
+        if self.max_dynamic_patch < 1:
+            raise ValueError(f"config.json max_dynamic_patch must be at least 1, got {self.max_dynamic_patch}")
         if self.template not in (None, "chatml"):
             raise ValueError(f"config.json template {self.template!r} is not supported; NVLM-D uses 'chatml'")
 

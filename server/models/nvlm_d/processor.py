@@ -140,16 +140,16 @@ class NVLMDProcessor:
         self.config = NVLMDModelConfig.from_hf_config(hf_config)
         self.tokenizer = load_tokenizer(self.model_dir)
         c = self.config
-        max_num = c.max_dynamic_patch if c.dynamic_image_size else 1
-        preprocessor = _read_json(self.model_dir / "preprocessor_config.json")
+        # The model card's `load_image(image, input_size=448, max_num=6)`: max_num is config.json's
+        # max_dynamic_patch (6 in NVLM-D-72B); min_num (1) and use_thumbnail (True) are fixed
+        # there (as are its ImageNet mean/std), so min_dynamic_patch, use_thumbnail, dynamic_image_size
+        # and preprocessor_config.json are not read.
         self.image_processor = NVLMDImageProcessor(
             image_size=c.image_size,
-            min_num=min(c.min_dynamic_patch, max_num),
-            max_num=max_num,
-            use_thumbnail=c.use_thumbnail,
-            image_mean=tuple(preprocessor.get("image_mean", (0.485, 0.456, 0.406))),
-            image_std=tuple(preprocessor.get("image_std", (0.229, 0.224, 0.225))),
-        )
+            min_num=1,
+            max_num=c.max_dynamic_patch,
+            use_thumbnail=True,
+        )  # ImageNet mean/std, as the card's build_transform hard-codes them
         self.tokens_per_tile = c.tokens_per_tile
         token_id = self.tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
         if token_id is None or token_id == self.tokenizer.unk_token_id:
