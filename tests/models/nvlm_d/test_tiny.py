@@ -115,3 +115,20 @@ def test_same_seed_gives_identical_files(tmp_path):
 def test_tile_size_must_fit_patch_and_shuffle(tmp_path, size):
     with pytest.raises(ValueError, match="multiple of 28"):
         make_tiny_nvlm_d(tmp_path / "bad", image_size=size)
+
+
+def test_select_layer_runs_only_the_layers_it_reads(tmp_path):
+    # hidden_states[select_layer] with hidden_states[0] the embeddings: -2 skips the last layer,
+    # whose checkpoint tensors are then left unread (not reported as unexpected).
+    tiny = make_tiny_nvlm_d(tmp_path / "tiny", seed=6, image_size=56)
+    cfg = json.loads((tiny / "config.json").read_text())
+    layers = cfg["vision_config"]["num_hidden_layers"]
+    for select, used in ((-1, layers), (-2, layers - 1), (1, 1)):
+        cfg["select_layer"] = select
+        (tiny / "config.json").write_text(json.dumps(cfg))
+        model = load_model(tiny, dtype=torch.float32, progress=False)[0]
+        assert len(model.vision.vision_model.encoder.layers) == used
+    cfg["select_layer"] = layers + 1
+    (tiny / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="select_layer"):
+        load_model(tiny, dtype=torch.float32, progress=False)
