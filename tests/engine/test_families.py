@@ -18,6 +18,7 @@ FAMILIES = {
     "pixtral_hf": ("pixtral", {"format": "hf"}),
     "pixtral_mistral": ("pixtral", {"format": "mistral"}),
     "mllama": ("mllama", {}),
+    "molmo": ("molmo", {}),
 }
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8)
 

@@ -270,6 +270,13 @@ class MolmoImageProcessor:
         return h.hexdigest()
 
 
+def writable(array: np.ndarray) -> np.ndarray:
+    """Items are shared read-only (PIL and unpickled arrays are): torch.from_numpy wants a
+    writable array, so those are copied (a decoded image or a few KB of spans)."""
+    array = np.ascontiguousarray(array)
+    return array if array.flags.writeable else array.copy()
+
+
 def crops_from_plan(pixels: torch.Tensor, plan: dict[str, Any], processor: MolmoImageProcessor) -> torch.Tensor:
     """uint8 [H, W, 3] (any device) → the official `images` float32 [n_crops + 1, 576, 588]
     (global crop first), through `kernels.resize_patchify` (dispatch picks Triton on CUDA)."""
@@ -282,7 +289,7 @@ def crops_from_plan(pixels: torch.Tensor, plan: dict[str, Any], processor: Molmo
     out = []
     for key in ("global", "tiled"):
         rp: ResizePlan = plan[key]
-        t = [torch.from_numpy(np.ascontiguousarray(a)).to(dev) for a in (rp.y_starts, rp.y_weights, rp.x_starts, rp.x_weights, rp.origins)]
+        t = [torch.from_numpy(writable(a)).to(dev) for a in (rp.y_starts, rp.y_weights, rp.x_starts, rp.x_weights, rp.origins)]
         out.append(kernels.resize_patchify(pixels, levels, t[0], t[1], t[2], t[3], mean, std, t[4], rp.place,
                                            processor.crop_size, processor.image_patch_size))
     return torch.cat(out)
@@ -295,6 +302,6 @@ def reference_crops(pixels: np.ndarray, plan: dict[str, Any], processor: MolmoIm
     saved = kernels.get_backend()
     kernels.set_backend("torch")
     try:
-        return crops_from_plan(torch.from_numpy(np.ascontiguousarray(pixels)), plan, processor)
+        return crops_from_plan(torch.from_numpy(writable(pixels)), plan, processor)
     finally:
         kernels.set_backend(saved)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import re
 from typing import Iterable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,10 +27,10 @@ from vlmserve.models.layers.decoder import TextDecoder
 from vlmserve.models.layers.rotary import rope_cos_sin, rope_inv_freq
 from vlmserve.models.layers.weights import IGNORED_SUFFIXES, WeightLoadTracker
 from vlmserve.models.molmo.config import ADDITIONAL_VOCAB_SIZE, MolmoModelConfig
-from vlmserve.models.molmo.image_processor import MolmoImageProcessor, crops_from_plan
+from vlmserve.models.molmo.image_processor import crops_from_plan, writable
+from vlmserve.models.molmo.vision import MolmoVisionBackbone
 from vlmserve.multimodal.inputs import MultiModalItem
 from vlmserve.runner.forward_batch import ForwardBatch
-from vlmserve.models.molmo.vision import MolmoVisionBackbone
 
 Device = torch.device | str
 
@@ -78,14 +77,14 @@ class MolmoForCausalLM(nn.Module):
             if missing:
                 raise ValueError(f"image item {item.content_hash[:16]}: data lacks {sorted(missing)} (the Molmo "
                                  "processor's output)")
-            pixels = torch.from_numpy(_writable(data["pixels"])).to(dev, non_blocking=True)
+            pixels = torch.from_numpy(writable(data["pixels"])).to(dev, non_blocking=True)
             crops.append(crops_from_plan(pixels, data["plan"], data["processor"]))
-            masks.append(torch.from_numpy(data["plan"]["image_masks"]).to(dev))
+            masks.append(torch.from_numpy(writable(data["plan"]["image_masks"])).to(dev))
         counts = [c.shape[0] for c in crops]
         features = self.vision_backbone(torch.cat(crops).to(dtype), torch.cat(masks))  # [sum n, 144, H]
         out = []
         for item, feats in zip(items, features.split(counts)):
-            rows_of = torch.from_numpy(item.data["plan"]["feature_rows"]).to(dev).long()  # [n, 144]
+            rows_of = torch.from_numpy(writable(item.data["plan"]["feature_rows"])).to(dev).long()  # [n, 144]
             valid = rows_of >= 0
             if int(valid.sum()) != item.num_embeds:
                 raise ValueError(f"image item {item.content_hash[:16]}: {int(valid.sum())} features for "
@@ -152,9 +151,3 @@ def _param_for(name: str) -> tuple[str, str]:
             return pattern.sub(repl, name), shard
     return name, ""
 
-
-def _writable(array: np.ndarray) -> np.ndarray:
-    """Items are shared read-only (PIL and unpickled arrays are): torch.from_numpy wants a
-    writable array, so copy those (a decoded image, once per encode)."""
-    array = np.ascontiguousarray(array)
-    return array if array.flags.writeable else array.copy()
