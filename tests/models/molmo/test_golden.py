@@ -97,3 +97,24 @@ def test_prompt_and_greedy_logits_match_the_official_model(processor, model, nam
             step_logits.append(out[-1])
     assert tokens == golden["generated_ids"].tolist()
     torch.testing.assert_close(torch.stack(step_logits), golden["generate_logits"], atol=ATOL, rtol=RTOL)
+
+
+def test_triton_resize_patchify_reproduces_the_official_crops(processor):
+    # The device path (Triton; the interpreter on CPU) against the official `images`: the
+    # global crop and the first high-res crop of case 1, within the README's 1e-5.
+    from vlmserve.kernels.resize_patchify import resize_patchify
+    from vlmserve.models.molmo.image_processor import LEVELS, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    case = cases()[0]
+    golden = case_processor(case)["images"]
+    pixels = np.asarray(case_image(case).convert("RGB"), dtype=np.uint8)
+    plan = processor.image_processor.plan(*pixels.shape[:2], processor.token_ids)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dev)  # noqa: E731
+    ip = processor.image_processor
+    for key, crop, want in (("global", 0, golden[0]), ("tiled", 0, golden[1])):
+        rp = plan[key]
+        got = resize_patchify(t(pixels), t(LEVELS), t(rp.y_starts), t(rp.y_weights), t(rp.x_starts), t(rp.x_weights),
+                              torch.tensor(OPENAI_CLIP_MEAN, device=dev), torch.tensor(OPENAI_CLIP_STD, device=dev),
+                              t(rp.origins[crop : crop + 1]), rp.place, ip.crop_size, ip.image_patch_size)
+        np.testing.assert_allclose(got[0].cpu().numpy(), want, rtol=0, atol=1e-5)
