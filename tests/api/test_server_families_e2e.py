@@ -13,6 +13,7 @@ FAMILIES = {
     "pixtral_hf": ("pixtral", {"format": "hf"}),
     "pixtral_mistral": ("pixtral", {"format": "mistral"}),
     "mllama": ("mllama", {}),
+    "molmo": ("molmo", {}),
 }
 
 
