@@ -127,8 +127,11 @@ class MolmoImageProcessor:
         object.__setattr__(self, "base_image_input_size", size)
         left, right = self.overlap_margins
         crop_patches = size[0] // self.image_patch_size
-        if left % 2 or left < 0 or right < 0:
-            raise ValueError(f"overlap_margins {self.overlap_margins}: the left margin must be even (2x2 pooling)")
+        if left % 2 or right % 2 or left < 0 or right < 0 or crop_patches % 2:
+            # The official code asserts an even left margin and fails later (its feature count
+            # check) unless the crop windows pool into whole 2x2 cells as well.
+            raise ValueError(f"overlap_margins {self.overlap_margins} and {crop_patches} patches per crop side must "
+                             "be even (2x2 pooling)")
         if size[0] != size[1]:
             raise ValueError(f"base_image_input_size {size} must be square")
         if (crop_patches + 1) // 2 != self.image_token_length_h or (crop_patches + 1) // 2 != self.image_token_length_w:
