@@ -103,14 +103,14 @@ def test_triton_resize_patchify_reproduces_the_official_crops(processor):
     # The device path (Triton; the interpreter on CPU) against the official `images`: the
     # global crop and the first high-res crop of case 1, within the README's 1e-5.
     from vlmserve.kernels.resize_patchify import resize_patchify
-    from vlmserve.models.molmo.image_processor import LEVELS, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    from vlmserve.models.molmo.image_processor import LEVELS, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, writable
 
     case = cases()[0]
     golden = case_processor(case)["images"]
     pixels = np.asarray(case_image(case).convert("RGB"), dtype=np.uint8)
     plan = processor.image_processor.plan(*pixels.shape[:2], processor.token_ids)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dev)  # noqa: E731
+    t = lambda a: torch.from_numpy(writable(a)).to(dev)  # noqa: E731
     ip = processor.image_processor
     for key, crop, want in (("global", 0, golden[0]), ("tiled", 0, golden[1])):
         rp = plan[key]
