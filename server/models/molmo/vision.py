@@ -5,7 +5,7 @@ Crops come in as the official `images` rows: [n_crops, 576, P * P * 3] normalise
 patch flattened (patch row, patch col, channel) — the order of `patch_embedding`'s input.
   1. ViT: patch_embedding (no bias), CLS prepended, + positional_embedding (bicubic-resized if
      the crop's patch grid differs from its grid), pre_ln (LayerNorm in float32), then
-     pre-norm blocks (LayerNorm, MHA with biases, LayerNorm, quick-GELU MLP). All crops run as
+     pre-norm blocks (LayerNorm, MHA with biases, LayerNorm, MLP; quick-GELU in ViT-L). All crops run as
      one variable-length batch, one `cu_seqlens` segment per crop (577 tokens).
   2. The hidden states after blocks -2 and -9 are concatenated ([.., 2E]); CLS dropped.
   3. pad_and_partial_pad: + pad_embed[0] where the crop's mask is 0 (all padding), +
@@ -26,7 +26,7 @@ from torch import nn
 
 from vlmserve.models.layers.activation import activation
 from vlmserve.models.layers.attention import segment_cu_seqlens, vision_attention
-from vlmserve.models.molmo.config import POOLING, MolmoModelConfig, MolmoVisionConfig
+from vlmserve.models.molmo.config import POOLING, VIT_ACTIVATIONS, MolmoModelConfig, MolmoVisionConfig
 
 Device = torch.device | str
 
@@ -77,7 +77,7 @@ class ViTBlock(nn.Module):
         self.feed_forward = nn.Module()
         self.feed_forward.w1 = nn.Linear(e, v.image_mlp_dim, dtype=dtype, device=device)
         self.feed_forward.w2 = nn.Linear(v.image_mlp_dim, e, dtype=dtype, device=device)
-        self.act = activation(v.image_mlp_activations)
+        self.act = activation(VIT_ACTIVATIONS[v.image_mlp_activations])
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
         x = x + self.attention(self.attention_norm(x), cu_seqlens, max_seqlen)

@@ -38,8 +38,12 @@ def test_fixture_override_replaces_only_the_named_vit_sizes():
     c = MolmoModelConfig.from_hf_config(json.loads((golden_dir() / "checkpoint" / "config.json").read_text()))
     assert (c.vision.image_emb_dim, c.vision.image_num_layers, c.vision.feature_indices) == (32, 9, (7, 0))
     assert c.vision.image_num_pos == 577 and c.vision.image_mlp_activations == "quick_gelu"
-    with pytest.raises(ValueError, match="unknown key"):
-        MolmoModelConfig.from_hf_config({**MOLMO_7B_D, "fixture_vision_backbone": {"image_width": 3}})
+    # As the official patch: keys it sets but nothing reads change nothing; real ones apply.
+    other = MolmoModelConfig.from_hf_config(
+        {**MOLMO_7B_D, "fixture_vision_backbone": {"image_width": 3, "image_mlp_activations": "gelu"}})
+    assert other.vision.image_emb_dim == 1024 and other.vision.image_mlp_activations == "gelu"
+    with pytest.raises(ValueError, match="vision MLP activation"):
+        MolmoModelConfig.from_hf_config({**MOLMO_7B_D, "fixture_vision_backbone": {"image_mlp_activations": "x"}})
 
 
 @pytest.mark.parametrize("key, value", [("norm_after", True), ("clip_qkv", 8.0), ("weight_tying", True),
