@@ -227,7 +227,6 @@ class MolmoImageProcessor:
         # crop; within a crop the valid cells start at (y0, x0) of its 12 x 12 pooled grid.
         th, tw = self.image_token_length_h, self.image_token_length_w
         grid_h, grid_w = self.token_grid(height, width)
-        grid_rank = np.full((grid_h, grid_w), -1, dtype=np.int64)  # filled below: (crop, cell) -> cell id
         per_crop = th * tw
         feature_cell = np.full((rows * cols, per_crop), -1, dtype=np.int64)  # raster cell of the grid
         row0 = 0
@@ -250,8 +249,7 @@ class MolmoImageProcessor:
         if row0 != grid_h or col0 != grid_w:
             raise AssertionError(f"crops cover {row0}x{col0} pooled cells, the token grid is {grid_h}x{grid_w}")
         valid = feature_cell >= 0
-        grid_rank.ravel()[feature_cell[valid]] = 0
-        if (grid_rank < 0).any() or np.unique(feature_cell[valid]).size != grid_h * grid_w:
+        if valid.sum() != grid_h * grid_w or np.unique(feature_cell[valid]).size != grid_h * grid_w:
             raise AssertionError("crop features do not map one to one onto the token grid")
         # <im_patch> rows in prompt order: the global block's th*tw cells, then the grid's raster.
         feature_rows = np.full((rows * cols + 1, per_crop), -1, dtype=np.int32)
