@@ -2,8 +2,8 @@
 
 `make_tiny_molmo(out_dir, seed)` writes what `allenai/Molmo-7B-D-0924` ships, at tiny sizes:
 config.json (`MolmoForCausalLM`, the real keys, plus `fixture_vision_backbone` with the tiny
-ViT sizes, as the golden fixtures' checkpoint), the weights under the published names in two
-shards with `model.safetensors.index.json`, a Qwen2-style byte-level BPE tokenizer laid out
+ViT sizes, as the golden fixtures' checkpoint), the weights under the published names (one
+file, or two shards with `model.safetensors.index.json`), a Qwen2-style byte-level BPE tokenizer laid out
 like the real one (BPE ids, then `<|endoftext|>`, `<|im_start|>`, `<|im_end|>`, then
 `|<EXTRA_TOKENS_k>|` up to embedding_size, then `<im_start>`, `<im_end>`, `<im_patch>`,
 `<im_col>`, `<|image|>` in the `new_embedding` rows), preprocessor_config.json,
@@ -189,8 +189,10 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def make_tiny_molmo(out_dir: str | Path, seed: int = 0) -> Path:
-    """Write the tiny checkpoint into `out_dir` (created if missing) and return its path."""
+def make_tiny_molmo(out_dir: str | Path, seed: int = 0, sharded: bool = False) -> Path:
+    """Write the tiny checkpoint into `out_dir` (created if missing) and return its path: one
+    model.safetensors, as the golden fixture's, or (`sharded`) two shards and an index, as the
+    published checkpoints."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok, specials = build_tokenizer(_TEXT["embedding_size"])
@@ -204,7 +206,10 @@ def make_tiny_molmo(out_dir: str | Path, seed: int = 0) -> Path:
     _write_json(out / "processor_config.json", {"auto_map": {"AutoProcessor": "preprocessing_molmo.MolmoProcessor"},
                                                 "processor_class": "MolmoProcessor"})
     weights = _weights(seed, tok.token_to_id("<|endoftext|>"))
-    # Two shards and an index, as the published checkpoints (the decoder, then the vision backbone).
+    if not sharded:
+        save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+        return out
+    # The decoder, then the vision backbone.
     shards = {"model-00001-of-00002.safetensors": {k: v for k, v in weights.items() if "vision_backbone" not in k},
               "model-00002-of-00002.safetensors": {k: v for k, v in weights.items() if "vision_backbone" in k}}
     weight_map = {}

@@ -13,6 +13,7 @@ from safetensors import safe_open
 
 from vlmserve.models.loader import load_model, safetensors_files
 from vlmserve.models.molmo.config import MolmoModelConfig
+from vlmserve.models.registry import make_tiny_model
 from tests.models.molmo.conftest import CHECKPOINT, golden_dir
 
 # config.json of allenai/Molmo-7B-D-0924 (all keys but auto_map / transformers_version).
@@ -58,9 +59,12 @@ def _pattern(name: str) -> str:
 
 
 def test_make_tiny_model_writes_the_published_layout(tmp_path):
-    out = tmp_path / "tiny"
-    subprocess.run([sys.executable, "-m", "vlmserve.cli", "make-tiny-model", "--family", "molmo", "--out", str(out)],
+    single = tmp_path / "single"
+    subprocess.run([sys.executable, "-m", "vlmserve.cli", "make-tiny-model", "--family", "molmo", "--out", str(single)],
                    check=True, capture_output=True)
+    out = make_tiny_model("molmo", tmp_path / "sharded", seed=0, sharded=True)
+    with safe_open(str(single / "model.safetensors"), framework="pt") as f:
+        assert set(f.keys()) == set(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"])
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = safetensors_files(out)
     assert len(shards) == 2 and set(index["weight_map"].values()) == {s.name for s in shards}
