@@ -72,6 +72,13 @@ FAMILIES: tuple[ModelFamily, ...] = (
         model_class_path="vlmserve.models.nvlm_d.model.NVLMDForCausalLM",
         processor_class_path="vlmserve.models.nvlm_d.processor.NVLMDProcessor",
     ),
+    ModelFamily(
+        name="molmo",
+        architectures=("MolmoForCausalLM",),
+        config_class_path="vlmserve.models.molmo.config.MolmoModelConfig",
+        model_class_path="vlmserve.models.molmo.model.MolmoForCausalLM",
+        processor_class_path="vlmserve.models.molmo.processor.MolmoProcessor",
+    ),
 )
 
 # family name -> import path of its tiny-checkpoint writer `(out_dir, seed=..., **kw) -> Path`.
@@ -80,6 +87,7 @@ TINY_MAKERS: dict[str, str] = {
     "pixtral": "vlmserve.models.pixtral.tiny.make_tiny_pixtral",
     "mllama": "vlmserve.models.mllama.tiny.make_tiny_mllama",
     "nvlm_d": "vlmserve.models.nvlm_d.tiny.make_tiny_nvlm_d",
+    "molmo": "vlmserve.models.molmo.tiny.make_tiny_molmo",
 }
 
 
