@@ -166,7 +166,9 @@ class AsyncEngine:
             raise EngineDeadError(self._dead or "the engine is not running; restart the server")
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
-        stream = _Stream(request_id, prompt, IncrementalDetokenizer(self.tokenizer, prompt.prompt_token_ids, sampling_params))
+        stream = _Stream(request_id, prompt, IncrementalDetokenizer(
+            self.tokenizer, prompt.prompt_token_ids, sampling_params, getattr(self.processor, "strips_output_whitespace", False)
+        ))
         self._streams[request_id] = stream
         request = Request(request_id, prompt, sampling_params, eos_token_ids=self.eos_token_ids)
         self.core.add_request(request)

@@ -15,10 +15,6 @@ SOURCES = {
     "nvlm-d-72b": "nvlm-d-72b.yaml",
     "llama-3.2-90b-vision": "llama-3.2-90b-vision-instruct.yaml",
 }
-# model_configs/ entries another branch adds (the Molmo and NVLM-D families). Until they are
-# merged the deployment copy is checked by the config builder alone; once the file exists it
-# must match exactly. Remove a name here once its model_configs/ file is on main.
-PENDING = {"molmo-7b-d-0924.yaml", "nvlm-d-72b.yaml"}
 
 
 def test_every_overlay_has_a_model_component():
@@ -32,10 +28,7 @@ def test_deployed_config_is_model_configs_verbatim(overlay):
 
     deployed = KUBE / "models" / overlay / "model.yaml"
     source = REPO / "model_configs" / SOURCES[overlay]
-    if source.exists():
-        assert deployed.read_text() == source.read_text(), f"copy {source} to {deployed}"
-    else:
-        assert SOURCES[overlay] in PENDING, f"{source} is missing"
+    assert deployed.read_text() == source.read_text(), f"copy {source} to {deployed}"
     cfg = build_config(deployed)
     assert cfg.engine.model and cfg.engine.dtype == "bfloat16"
     assert cfg.server.host == "127.0.0.1"  # the image's entrypoint sets --host 0.0.0.0, not the YAML
