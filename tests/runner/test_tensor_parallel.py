@@ -18,6 +18,8 @@ FAMILIES = {
     "qwen2_vl": ("qwen2_vl", {}),
     "pixtral": ("pixtral", {"format": "hf"}),
     "mllama": ("mllama", {}),
+    "molmo": ("molmo", {}),
+    "nvlm_d": ("nvlm_d", {}),
 }
 
 

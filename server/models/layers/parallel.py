@@ -164,14 +164,29 @@ class RowParallelLinear(nn.Module):
 class VocabParallelEmbedding(nn.Module):
     """Rows [start, start + length) of the table on each rank (see `vocab_split`); a token
     outside the local range embeds to zeros, so the all-reduce adds exactly one non-zero
-    row: the result equals the full table's lookup bit for bit."""
+    row: the result equals the full table's lookup bit for bit.
 
-    def __init__(self, num_embeddings: int, dim: int, tp: TPGroup, dtype: torch.dtype, device: Device) -> None:
+    `parts` [(label, rows)]: a table the checkpoint stores in pieces (Molmo's embedding |
+    new_embedding); each piece contributes its rows that fall in this rank's range."""
+
+    def __init__(
+        self, num_embeddings: int, dim: int, tp: TPGroup, dtype: torch.dtype, device: Device,
+        parts: list[tuple[str, int]] | None = None,
+    ) -> None:
         super().__init__()
         self.tp, self.num_embeddings = tp, num_embeddings
         self.start, length = vocab_split(num_embeddings, tp)
         self.weight = nn.Parameter(torch.empty(length, dim, dtype=dtype, device=device))
-        self.tp_splits = {"weight": (0, {"": lambda full: vocab_split(full, tp)})}
+        if parts is None:
+            self.tp_splits = {"weight": (0, {"": lambda full: vocab_split(full, tp)})}
+            return
+        if sum(rows for _, rows in parts) != num_embeddings:
+            raise ValueError(f"embedding parts {parts} do not add up to {num_embeddings} rows")
+        splits, first = {}, 0
+        for label, rows in parts:
+            splits[label] = _range_split(first, rows, self.start, length)
+            first += rows
+        self.tp_splits = {"weight": (0, splits)}
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
@@ -181,6 +196,19 @@ class VocabParallelEmbedding(nn.Module):
         out = F.embedding(local.masked_fill(outside, 0), self.weight)
         out.masked_fill_(outside[:, None], 0)
         return self.tp.all_reduce(out)
+
+
+def _range_split(first: int, rows: int, start: int, length: int) -> Split:
+    """The rows of a piece at [first, first + rows) of a table that lie in [start, start +
+    length), as (start, length) within the piece (length 0 when none do)."""
+
+    def split(full: int) -> tuple[int, int]:
+        if full != rows:
+            raise ValueError(f"an embedding piece of {full} rows, expected {rows}")
+        lo, hi = max(first, start), min(first + rows, start + length)
+        return (lo - first, hi - lo) if hi > lo else (0, 0)
+
+    return split
 
 
 def parallel_logits(hidden: torch.Tensor, weight: torch.Tensor, vocab: int, tp: TPGroup) -> torch.Tensor:

@@ -8,6 +8,11 @@ whose first half is the *value* and second half the *gate* (`silu(gate) * value`
 Here it is the shared `TextDecoder`: at load, ff_proj's halves are swapped into gate_up_proj's
 (gate, up) order and wte.embedding | wte.new_embedding fill one embedding table.
 
+Tensor parallelism (`tp`): the decoder as the shared one (att_proj and ff_proj are cut into
+their q/k/v and gate/value parts at load, so each part is split on its own), the embedding
+table (embedding | new_embedding) and ff_out split by vocabulary; the vision backbone is
+replicated on every rank.
+
 Image features are *added* to the `<im_patch>` token embeddings (the official
 `x[image_input_idx] += features`): `embed_multimodal` returns embedding(<im_patch>) + feature
 for each `<im_patch>` position, which the runner then writes over those positions.
@@ -19,11 +24,13 @@ import re
 from typing import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vlmserve.models.interfaces import KVCacheSpec
 from vlmserve.models.layers.decoder import TextDecoder
+from vlmserve.models.layers.parallel import (
+    SINGLE, ParallelLMHead, TPGroup, VocabParallelEmbedding, local_kv_heads, parallel_logits,
+)
 from vlmserve.models.layers.rotary import rope_cos_sin, rope_inv_freq
 from vlmserve.models.layers.weights import IGNORED_SUFFIXES, WeightLoadTracker
 from vlmserve.models.molmo.config import ADDITIONAL_VOCAB_SIZE, MolmoModelConfig
@@ -41,18 +48,26 @@ class MolmoForCausalLM(nn.Module):
     uses_mrope = False
     cross_kv_cache_spec = None
 
-    def __init__(self, config: MolmoModelConfig, dtype: torch.dtype, device: Device) -> None:
+    supports_tensor_parallel = True  # the decoder is split (`tp`); the vision backbone is replicated
+
+    def __init__(self, config: MolmoModelConfig, dtype: torch.dtype, device: Device, tp: TPGroup = SINGLE) -> None:
         super().__init__()
         self.config = config
+        self.tp = tp
         c = config
-        self.kv_cache_spec = KVCacheSpec(c.num_hidden_layers, c.num_key_value_heads, c.head_dim)
+        self.kv_cache_spec = KVCacheSpec(c.num_hidden_layers, local_kv_heads(c.num_key_value_heads, tp), c.head_dim)
         meta = torch.device("meta")
         self.vision_backbone = MolmoVisionBackbone(c, dtype, meta)
         self.language_model = TextDecoder(
             c.total_embeddings, c.hidden_size, c.mlp_hidden, c.num_hidden_layers, c.num_attention_heads,
-            c.num_key_value_heads, c.head_dim, c.layer_norm_eps, qkv_bias=c.qkv_bias, dtype=dtype, device=meta,
+            c.num_key_value_heads, c.head_dim, c.layer_norm_eps, qkv_bias=c.qkv_bias, dtype=dtype, device=meta, tp=tp,
         )
-        self.lm_head = nn.Linear(c.hidden_size, c.embedding_size, bias=False, dtype=dtype, device=meta)
+        # Rows: wte.embedding (embedding_size), then wte.new_embedding (the image tokens).
+        self.language_model.embed_tokens = VocabParallelEmbedding(
+            c.total_embeddings, c.hidden_size, tp, dtype, meta,
+            parts=[("embedding", c.embedding_size), ("new_embedding", ADDITIONAL_VOCAB_SIZE)],
+        )
+        self.lm_head = ParallelLMHead(c.hidden_size, c.embedding_size, tp, dtype, meta)
         self.to_empty(device=device)
 
     @property
@@ -89,7 +104,8 @@ class MolmoForCausalLM(nn.Module):
             if int(valid.sum()) != item.num_embeds:
                 raise ValueError(f"image item {item.content_hash[:16]}: {int(valid.sum())} features for "
                                  f"{item.num_embeds} <im_patch> positions")
-            patch = self.language_model.embed_tokens.weight[int(item.data["patch_token_id"])]
+            # Through the module, not its table: under tensor parallelism a rank holds a slice.
+            patch = self.language_model.embed_tokens(torch.tensor([int(item.data["patch_token_id"])], device=dev))[0]
             rows = torch.empty((item.num_embeds, feats.shape[-1]), dtype=feats.dtype, device=dev)
             rows[rows_of[valid]] = patch + feats[valid]
             out.append(rows)
@@ -106,7 +122,7 @@ class MolmoForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[T, embedding_size] float32: the new_embedding rows (image tokens) are never logits."""
-        return F.linear(hidden, self.lm_head.weight).float()
+        return parallel_logits(hidden, self.lm_head.weight, self.config.embedding_size, self.tp)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """The published names (`model.transformer.*`, `model.vision_backbone.*`); raises naming
@@ -116,14 +132,25 @@ class MolmoForCausalLM(nn.Module):
         tracker.declare_fused(
             "language_model.embed_tokens.weight", [("embedding", c.embedding_size), ("new_embedding", ADDITIONAL_VOCAB_SIZE)]
         )
+        q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+        for i in range(c.num_hidden_layers):
+            p = f"language_model.layers.{i}"
+            for suffix in ("weight", "bias") if c.qkv_bias else ("weight",):
+                tracker.declare_fused(f"{p}.self_attn.qkv_proj.{suffix}", [("q_proj", q), ("k_proj", kv), ("v_proj", kv)])
+            tracker.declare_fused(f"{p}.mlp.gate_up_proj.weight", [("gate_proj", c.mlp_hidden), ("up_proj", c.mlp_hidden)])
         for name, tensor in weights:
             if name.endswith(IGNORED_SUFFIXES):
                 continue
             param, shard = _param_for(name)
-            if param.endswith(".mlp.gate_up_proj.weight") and tensor.dim() == 2 and tensor.shape[0] % 2 == 0:
+            if param.endswith(".mlp.gate_up_proj.weight") and tensor.shape[0] == 2 * c.mlp_hidden:
                 value, gate = tensor.chunk(2, dim=0)  # official SwiGLU: x, gate = chunk(2)
-                tensor = torch.cat([gate, value])
-            tracker.copy(param, tensor, name, shard)
+                tracker.copy(param, gate, name, "gate_proj")
+                tracker.copy(param, value, name, "up_proj")
+            elif ".self_attn.qkv_proj." in param and tensor.shape[0] == q + 2 * kv:
+                for part, label in zip(tensor.split([q, kv, kv]), ("q_proj", "k_proj", "v_proj")):
+                    tracker.copy(param, part, name, label)
+            else:
+                tracker.copy(param, tensor, name, shard)
         tracker.check_complete()
 
 

@@ -18,11 +18,11 @@ from typing import Iterable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vlmserve.models.interfaces import KVCacheSpec
 from vlmserve.models.layers.decoder import TextDecoder
+from vlmserve.models.layers.parallel import SINGLE, ParallelLMHead, TPGroup, local_kv_heads, parallel_logits
 from vlmserve.models.layers.rotary import rope_cos_sin, rope_inv_freq
 from vlmserve.models.layers.weights import IGNORED_SUFFIXES, WeightLoadTracker
 from vlmserve.models.nvlm_d.config import NVLMDModelConfig
@@ -41,20 +41,25 @@ class NVLMDForCausalLM(nn.Module):
     uses_mrope = False
     cross_kv_cache_spec = None  # inline embeddings: no cross-attention K/V
 
-    def __init__(self, config: NVLMDModelConfig, dtype: torch.dtype, device: Device) -> None:
+    supports_tensor_parallel = True  # the decoder is split (`tp`); the vision tower is replicated
+
+    def __init__(self, config: NVLMDModelConfig, dtype: torch.dtype, device: Device, tp: TPGroup = SINGLE) -> None:
         super().__init__()
         self.config = config
-        self.kv_cache_spec = KVCacheSpec(config.num_hidden_layers, config.num_key_value_heads, config.head_dim)
+        self.tp = tp
+        kv_heads = local_kv_heads(config.num_key_value_heads, tp)  # this rank's
+        self.kv_cache_spec = KVCacheSpec(config.num_hidden_layers, kv_heads, config.head_dim)
         meta = torch.device("meta")
         self.vision = NVLMDVision(config, dtype, meta)
         c = config
         self.language_model = TextDecoder(
             c.vocab_size, c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads,
             c.num_key_value_heads, c.head_dim, c.rms_norm_eps, qkv_bias=True, dtype=dtype, device=meta, act=c.hidden_act,
+            tp=tp,
         )
-        self.lm_head: nn.Linear | None = None
+        self.lm_head: ParallelLMHead | None = None
         if not config.tie_word_embeddings:
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype, device=meta)
+            self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size, tp, dtype, meta)
         self.to_empty(device=device)
         self._inv_freq: torch.Tensor | None = None
         self._luts: dict[bytes, torch.Tensor] = {}
@@ -122,7 +127,7 @@ class NVLMDForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.lm_head.weight if self.lm_head is not None else self.language_model.embed_tokens.weight
-        return F.linear(hidden, weight).float()
+        return parallel_logits(hidden, weight, self.config.vocab_size, self.tp)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """The published layout (module docstring). Raises naming every missing or unexpected
