@@ -118,3 +118,31 @@ async def test_the_engine_process_drives_its_worker_and_takes_it_down_at_shutdow
     assert got == expected
     assert len(workers) == 1
     assert wait_process_exited(workers[0], timeout=30), "the worker outlived its engine"
+
+
+def test_a_request_that_fails_every_rank_ends_in_error_and_the_ranks_stay_in_step(tiny_ckpt):
+    """An image the tower refuses raises on every rank at the same point; rank 0's culprit
+    search then re-runs halves of the step, each mirrored on the worker, and the other
+    request still gets the single-rank tokens."""
+    import dataclasses
+
+    common = dict(device="cpu", num_kv_blocks=128)
+    single = make_llm(tiny_ckpt, **common)
+    img = image(64, 56, seed=11)
+    good = single.render_chat([user(img, "What is this?")], [img])
+    text = single.render_chat([user("Plain text here, please.")], [])
+    bad_img = image(72, 56, seed=12)
+    bad = single.render_chat([user(bad_img, "And this?")], [bad_img])
+    item = bad.mm_items[0]
+    bad = dataclasses.replace(bad, mm_items=[dataclasses.replace(item, data={**item.data, "grid_thw": (1, 2, 2)})])
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    expected = [c.token_ids for c in single.generate([good, text], params)]
+
+    parallel = make_llm(tiny_ckpt, tensor_parallel_size=2, **common)
+    try:
+        out = parallel.generate([good, bad, text], params)
+        assert out[1].finish_reason == "error"
+        assert [out[0].token_ids, out[2].token_ids] == expected
+        assert [c.token_ids for c in parallel.generate([text], params)] == expected[1:]  # still in step
+    finally:
+        parallel.runner.workers.close()
