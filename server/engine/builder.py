@@ -131,7 +131,7 @@ def _build_core(
     if config.num_kv_blocks is None and config.kv_cache_memory_gb is None and device.type == "cuda":
         mem = memory.CudaMemory(device)
         peak = memory.profile_activation_peak(
-            mem, lambda: _profile_step(model, workers, config, dtype, device, max_model_len)
+            mem, lambda: _profile_step(model, config, dtype, device, max_model_len, workers)
         )
         plan = memory.plan_kv_cache(mem, config.gpu_memory_utilization, peak, block_bytes, cross_block_bytes)
         logger.info("KV cache sized from device memory: %s", plan.describe())
@@ -166,12 +166,13 @@ def _build_core(
 
 
 def _profile_step(
-    model: Any, workers: TPWorkers | None, config: EngineConfig, dtype: torch.dtype, device: torch.device,
-    max_model_len: int,
+    model: Any, config: EngineConfig, dtype: torch.dtype, device: torch.device, max_model_len: int,
+    workers: TPWorkers | None = None,
 ) -> int:
     """One step at the largest batch the config allows, over a throwaway KV cache just big
     enough: `max_num_batched_tokens` prompt tokens over up to `max_num_seqs` requests, each
-    completing its prefill, so every row is sampled. Returns the throwaway cache's bytes."""
+    completing its prefill, so every row is sampled (on every rank, with `workers`). Returns the
+    throwaway cache's bytes."""
     seqs = min(config.max_num_seqs, config.max_num_batched_tokens)
     num_blocks = memory.profile_blocks(config.max_num_batched_tokens, seqs, config.block_size)
     # No prefix caching: the dummy prompts must all be computed.
