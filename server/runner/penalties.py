@@ -132,7 +132,7 @@ class PenaltyState:
         width = max(e.num_written for _, e, _ in rows_with_tokens)
         r = torch.tensor([x for x, _, _ in rows_with_tokens], dtype=torch.long, device=logits.device)
         s = torch.tensor([e.slot for _, e, _ in rows_with_tokens], dtype=torch.long, device=logits.device)
-        ids = self.history.index_select(0, s)[:, :width]  # [R, L]
+        ids = self.history[:, :width].index_select(0, s)  # [R, L]
         r2 = r.unsqueeze(1).expand_as(ids)
         vals = logits[r2, ids]
         rep, presence, frequency = (params[:, j : j + 1] for j in range(3))

@@ -107,8 +107,9 @@ class Sampler:
         masked = [(i, r) for i, (r, st) in enumerate(zip(infos, states))
                   if r.min_tokens and r.stop_ids and len(st.token_ids) - st.num_prompt_tokens < r.min_tokens]
         penalized = [i for i, r in enumerate(infos) if r.penalties is not None]
-        if (masked or penalized) and not inplace and x.data_ptr() == logits.data_ptr():
-            x = x.clone()
+        owned = inplace or x.data_ptr() != logits.data_ptr()
+        if (masked or penalized) and not owned:
+            x, owned = x.clone(), True
         if masked:
             rows = [i for i, r in masked for _ in r.stop_ids]
             cols = [t for _, r in masked for t in r.stop_ids]
@@ -121,7 +122,9 @@ class Sampler:
             tokens = x.argmax(dim=-1)
         else:
             tokens = torch.empty(B, dtype=torch.long, device=x.device)
-        if sampled:
+        if len(sampled) == B and owned:
+            tokens = self._sample(x, infos, states)  # scales x in place: no copy needed
+        elif sampled:
             idx = torch.tensor(sampled, device=x.device)
             tokens[idx] = self._sample(x.index_select(0, idx), [infos[i] for i in sampled],
                                        [states[i] for i in sampled])
@@ -179,11 +182,12 @@ class Sampler:
         f_rows = [i for i, r in enumerate(infos) if not r.top_k and r.top_p >= 1]
         if k_rows:
             ki = torch.tensor(k_rows, device=dev)
-            vals, ids = x.index_select(0, ki).topk(max(infos[i].top_k for i in k_rows), dim=-1)
+            xk = x if len(k_rows) == R else x.index_select(0, ki)
+            vals, ids = xk.topk(max(infos[i].top_k for i in k_rows), dim=-1)
             tokens[ki] = ops.draw_candidates(vals, ids, top_k[ki], top_p[ki], min_p[ki], u[ki])
         if f_rows:
             fi = torch.tensor(f_rows, device=dev)
-            tokens[fi] = ops.draw_full(x.index_select(0, fi), min_p[fi], u[fi])
+            tokens[fi] = ops.draw_full(x if len(f_rows) == R else x.index_select(0, fi), min_p[fi], u[fi])
         if p_rows:
             self._sample_top_p(x, torch.tensor(p_rows, device=dev), top_p, min_p, u, tokens)
         return tokens
@@ -195,7 +199,7 @@ class Sampler:
     ) -> None:
         """Rows with top_p and no top_k: greedy when the top token alone reaches top_p, else
         the nucleus from a topk of NUCLEUS_CANDIDATES when it fits, else one full sort."""
-        xp = x.index_select(0, pi)
+        xp = x if pi.shape[0] == x.shape[0] else x.index_select(0, pi)
         top, arg = xp.max(dim=-1)
         total = (xp - top.unsqueeze(1)).exp_().sum(dim=-1)  # mass in units of the top weight (1)
         tp, mp = top_p[pi], min_p[pi]
