@@ -195,3 +195,29 @@ def test_seeded_uniforms_are_uniform_and_position_dependent() -> None:
     assert abs(sum(us) / len(us) - 0.5) < 0.02
     assert len(set(us)) > 0.99 * len(us)
     assert ops.seeded_uniform(-1, 3) == ops.seeded_uniform(2**64 - 1, 3)
+
+
+def test_rows_that_reduce_to_greedy_never_sort_or_draw(monkeypatch) -> None:
+    """Qwen2-VL's published defaults (top_k 1), a top_p below 1/V and a top_p the top token
+    alone reaches all take the argmax: no sort, no topk, no draw."""
+    torch.manual_seed(8)
+    logits = torch.randn(3, V)
+    logits[2, 17] = 40.0  # this row's top token holds nearly all the mass
+    params = [
+        SamplingParams(temperature=0.1, top_p=0.001, top_k=1, repetition_penalty=1.05, seed=1),
+        SamplingParams(temperature=1.0, top_p=1.0 / (2 * V), seed=5),
+        SamplingParams(temperature=1.0, top_p=0.9, seed=2),
+    ]
+    states = [_state(p, [1, 2, 3, 1], 3) for p in params]
+    expected = [reference_token(logits[i], st, set()) for i, st in enumerate(states)]
+
+    def forbidden(*_a, **_k):
+        raise AssertionError("a greedy-equivalent row took a sampling path")
+
+    for name in ("draw_candidates", "draw_sorted_full", "draw_full"):
+        monkeypatch.setattr(ops, name, forbidden)
+    monkeypatch.setattr(torch.Tensor, "sort", forbidden)
+    monkeypatch.setattr(torch.Tensor, "topk", forbidden)
+    tokens, _ = Sampler(frozenset())(logits, states)
+    assert tokens == expected
+    assert tokens[2] == 17
