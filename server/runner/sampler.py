@@ -107,7 +107,7 @@ class Sampler:
         masked = [(i, r) for i, (r, st) in enumerate(zip(infos, states))
                   if r.min_tokens and r.stop_ids and len(st.token_ids) - st.num_prompt_tokens < r.min_tokens]
         penalized = [i for i, r in enumerate(infos) if r.penalties is not None]
-        owned = inplace or x.data_ptr() != logits.data_ptr()
+        owned = inplace or x.data_ptr() != logits.data_ptr()  # may x be written?
         if (masked or penalized) and not owned:
             x, owned = x.clone(), True
         if masked:
@@ -118,13 +118,12 @@ class Sampler:
             self._apply_penalties(x, penalized, infos, states)
 
         sampled = [i for i, r in enumerate(infos) if not r.greedy]
-        if len(sampled) < B:
+        if not sampled:
             tokens = x.argmax(dim=-1)
+        elif len(sampled) == B and owned:
+            tokens = self._sample(x, infos, states)  # scales x in place: no row copy
         else:
-            tokens = torch.empty(B, dtype=torch.long, device=x.device)
-        if len(sampled) == B and owned:
-            tokens = self._sample(x, infos, states)  # scales x in place: no copy needed
-        elif sampled:
+            tokens = x.argmax(dim=-1) if len(sampled) < B else torch.empty(B, dtype=torch.long, device=x.device)
             idx = torch.tensor(sampled, device=x.device)
             tokens[idx] = self._sample(x.index_select(0, idx), [infos[i] for i in sampled],
                                        [states[i] for i in sampled])
@@ -168,7 +167,7 @@ class Sampler:
         return u
 
     def _sample(self, x: torch.Tensor, infos: list[_RowInfo], states: list[CachedRequestState]) -> torch.Tensor:
-        """x [R, V]: the non-greedy rows (a copy, scaled in place) → tokens int64 [R]."""
+        """x [R, V]: the non-greedy rows, ours to scale in place → tokens int64 [R]."""
         dev = x.device
         R = x.shape[0]
         p = torch.tensor([[r.temperature, r.top_k, r.top_p, r.min_p] for r in infos], dtype=torch.float64, device=dev)
