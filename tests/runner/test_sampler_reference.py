@@ -221,3 +221,20 @@ def test_rows_that_reduce_to_greedy_never_sort_or_draw(monkeypatch) -> None:
     tokens, _ = Sampler(frozenset())(logits, states)
     assert tokens == expected
     assert tokens[2] == 17
+
+
+def test_repetition_penalty_matches_transformers_logits_processor() -> None:
+    """The HF/CTRL repetition penalty over prompt and output ids, as transformers applies it."""
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    torch.manual_seed(10)
+    logits = torch.randn(2, V) * 3
+    token_ids = [[5, 9, 9, 300, 12, 5], [0, 1, 2, 599]]
+    states = [_state(SamplingParams(temperature=0.0, repetition_penalty=1.7), ids, 3) for ids in token_ids]
+    sampler = Sampler(frozenset())
+    ours = logits.clone()
+    sampler._apply_penalties(ours, [0, 1], [sampler._info(st, V) for st in states], states)
+    hf = RepetitionPenaltyLogitsProcessor(1.7)
+    for i, ids in enumerate(token_ids):
+        expected = hf(torch.tensor([ids]), logits[i : i + 1].clone())[0]
+        assert torch.allclose(ours[i], expected, rtol=1e-6, atol=0)
