@@ -11,6 +11,7 @@ temperature 0.1, top_p 0.001, top_k 1, repetition_penalty 1.05), each request se
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -82,7 +83,9 @@ def run_offline_bench(
     t_pre = time.perf_counter() - t0
     steps0 = llm.runner.num_forward_passes
     t1 = time.perf_counter()
-    done = llm.generate(prompts, params)
+    # Each request its own seed (seed + i): seeded draws are per request, as in serving.
+    per_request = [params if params.seed is None else dataclasses.replace(params, seed=seed + i) for i in range(len(prompts))]
+    done = llm.generate(prompts, per_request)
     t_gen = time.perf_counter() - t1
     total = t_pre + t_gen
 
