@@ -99,7 +99,10 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> None:
     if args.format is not None and args.family != "pixtral":
         raise SystemExit("--format applies to --family pixtral only")
     extra = {"format": args.format} if args.format is not None else {}
-    out = make_tiny_model(args.family, Path(args.out), seed=args.seed, **extra)
+    out = make_tiny_model(
+        args.family, Path(args.out), seed=args.seed, vocab_size=args.vocab_size,
+        generation_config=args.generation_config, **extra,
+    )
     print(out)
 
 
@@ -115,6 +118,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         prompt_words=args.prompt_words,
         max_tokens=args.max_tokens,
         seed=args.bench_seed,
+        sampling=args.sampling,
     )
 
 
@@ -168,6 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="Pixtral only: the Hugging Face layout (default) or Mistral's (params.json, tekken.json)")
     tiny.add_argument("--out", required=True)
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--vocab-size", type=int, default=None,
+                      help="embedding / LM-head rows, e.g. 151936 (Qwen2-VL), 131072 (Pixtral), 128256 (Llama 3.2 "
+                           "Vision); default: the tiny tokenizer's size. The tokenizer is kept; extra rows are padding")
+    tiny.add_argument("--generation-config", choices=["published", "greedy"], default="published",
+                      help="generation_config.json: the family's published sampling defaults (default) or ids only")
     tiny.set_defaults(func=cmd_make_tiny_model)
 
     bench = sub.add_parser("bench", help="offline synthetic image+text throughput benchmark")
@@ -178,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--prompt-words", type=int, default=20)
     bench.add_argument("--max-tokens", type=int, default=64)
     bench.add_argument("--bench-seed", type=int, default=0)
+    bench.add_argument("--sampling", choices=["greedy", "checkpoint"], default="greedy",
+                       help="greedy, or the checkpoint's generation_config defaults (seeded requests)")
     bench.set_defaults(func=cmd_bench)
 
     pre = sub.add_parser("bench-preprocess", help="Qwen2-VL image preprocessing: ours vs transformers, images/s")

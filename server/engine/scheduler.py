@@ -36,6 +36,7 @@ from vlmserve.engine.outputs import (
     RunnerOutput,
     SchedulerOutput,
 )
+from vlmserve.engine.pending_work import PendingWork
 from vlmserve.engine.request import FINISH_REASONS, Request, RequestStatus
 
 
@@ -73,6 +74,9 @@ class Scheduler:
         self._preempted_req_ids: set[str] = set()  # by a failed step; reported likewise
         self.num_preemptions = 0
         self.culprits = CulpritSearch()
+        # get_stats' pending prefill tokens / encoder rows, kept as counters (not recounted).
+        self._pending = PendingWork(self.encoder_cache.contains)
+        self.encoder_cache.on_change = self._pending.cache_changed
 
     # ---- requests in and out -------------------------------------------------------------
 
@@ -83,6 +87,7 @@ class Scheduler:
         request.status = RequestStatus.WAITING
         self.requests[request.request_id] = request
         self.waiting.append(request)
+        self._pending.waiting(request)
 
     def finish_requests(self, req_ids: str | Iterable[str], status: RequestStatus) -> None:
         """Ends requests from outside the step (abort, client gone): frees everything; the
@@ -229,6 +234,7 @@ class Scheduler:
                 preempted.add(paused[-1].request_id)
         for req_id, n in num_scheduled.items():
             self.requests[req_id].num_computed_tokens += n
+            self._pending.running(self.requests[req_id])
         finished, self._finished_req_ids = self._finished_req_ids, set()
         preempted |= self._preempted_req_ids
         self._preempted_req_ids = set()
@@ -283,16 +289,7 @@ class Scheduler:
         return outputs
 
     def get_stats(self) -> SchedulerStats:
-        pending_tokens = sum(r.num_tokens for r in self.waiting) + sum(
-            max(0, r.num_prompt_tokens - r.num_computed_tokens) for r in self.running
-        )
-        pending_rows = 0
-        for request in (*self.waiting, *self.running):
-            for item in request.mm_items:
-                if item.offset + item.length > request.num_computed_tokens and not (
-                    self.encoder_cache.contains(item.content_hash)
-                ):
-                    pending_rows += item.encoder_rows
+        """O(1): the pending-work figures are counters (`PendingWork`)."""
         return SchedulerStats(
             num_running=len(self.running),
             num_waiting=len(self.waiting),
@@ -302,8 +299,8 @@ class Scheduler:
             prefix_cache_hits=self.kv_cache.prefix_cache_hits,
             encoder_cache_queries=self.encoder_cache.queries,
             encoder_cache_hits=self.encoder_cache.hits,
-            num_pending_prefill_tokens=pending_tokens,
-            num_pending_encoder_rows=pending_rows,
+            num_pending_prefill_tokens=self._pending.prefill_tokens,
+            num_pending_encoder_rows=self._pending.encoder_rows,
         )
 
     # ---- internals -----------------------------------------------------------------------
@@ -349,6 +346,7 @@ class Scheduler:
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(request)
+        self._pending.waiting(request)
 
     def _free_request(self, request: Request, uncache: bool = False) -> None:
         self.kv_cache.free(request, uncache=uncache)
@@ -357,6 +355,7 @@ class Scheduler:
             self.cross_kv.free(request)
         self._finished_req_ids.add(request.request_id)
         self.culprits.forget(request.request_id)
+        self._pending.leave(request)
         del self.requests[request.request_id]
 
     def _new_request_data(
