@@ -7,6 +7,7 @@ broken (a lost device, say): the error then propagates and the engine is reporte
 from __future__ import annotations
 
 import logging
+import time
 
 from vlmserve.engine.outputs import EngineCoreOutput
 from vlmserve.engine.request import Request, RequestStatus
@@ -25,6 +26,11 @@ class EngineCore:
         self.runner = runner
         self.num_failed_steps = 0
         self._failures_in_a_row = 0
+        # The last step's wall time (schedule + forward + update), LM tokens and encoder rows
+        # computed: the front-end's throughput estimate and step metrics read them.
+        self.last_step_s = 0.0
+        self.last_step_tokens = 0
+        self.last_step_encoder_rows = 0
 
     def add_request(self, request: Request) -> None:
         self.scheduler.add_request(request)
@@ -36,7 +42,20 @@ class EngineCore:
         return self.scheduler.has_unfinished_requests()
 
     def step(self) -> list[EngineCoreOutput]:
+        t0 = time.perf_counter()
+        outputs = self._step()
+        self.last_step_s = time.perf_counter() - t0
+        return outputs
+
+    def _step(self) -> list[EngineCoreOutput]:
         scheduler_output = self.scheduler.schedule()
+        self.last_step_tokens = scheduler_output.total_num_scheduled_tokens
+        self.last_step_encoder_rows = sum(
+            self.scheduler.requests[req_id].mm_items[i].encoder_rows
+            for req_id, ids in scheduler_output.scheduled_encoder_inputs.items()
+            if req_id in self.scheduler.requests
+            for i in ids
+        )
         try:
             runner_output = self.runner.execute(scheduler_output)
         except Exception:

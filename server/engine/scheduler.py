@@ -44,6 +44,15 @@ class SchedulerStats:
     encoder_cache_hits: int  # items
     num_pending_prefill_tokens: int  # tokens of waiting + running requests not yet computed
     num_pending_encoder_rows: int  # encoder rows still to compute for those requests
+    # The same pending prefill work split by the modality that causes it (token-equivalents:
+    # LM prompt tokens at text / image / video positions, plus that modality's encoder rows);
+    # the three sum to num_pending_prefill_tokens + num_pending_encoder_rows.
+    pending_work_text: int = 0
+    pending_work_image: int = 0
+    pending_work_video: int = 0
+    # Decode steps until a request arriving now could get a sequence slot (max_num_seqs),
+    # from the output budgets (max_tokens) left to the running requests: an upper bound.
+    slot_wait_steps: int = 0
 
 
 @dataclass
@@ -278,6 +287,7 @@ class Scheduler:
                     stop_reason=request.stop_token_id,
                     num_cached_tokens=request.num_cached_tokens if first else 0,
                     new_logprobs=logprobs[: len(new_tokens)] if logprobs is not None else None,
+                    first_scheduled_time=request.first_scheduled_time if first else None,
                 )
             )
             if request.is_finished:
@@ -292,12 +302,19 @@ class Scheduler:
             max(0, r.num_prompt_tokens - r.num_computed_tokens) for r in self.running
         )
         pending_rows = 0
+        media_work = {"image": 0, "video": 0}
         for request in (*self.waiting, *self.running):
+            computed = request.num_computed_tokens
             for item in request.mm_items:
-                if item.offset + item.length > request.num_computed_tokens and not (
-                    self.encoder_cache.contains(item.content_hash)
-                ):
+                if item.offset + item.length <= computed:
+                    continue
+                # LM positions of the item still to prefill, plus its encoder rows if not cached.
+                work = item.offset + item.length - max(item.offset, computed)
+                if not self.encoder_cache.contains(item.content_hash):
                     pending_rows += item.encoder_rows
+                    work += item.encoder_rows
+                media_work[item.modality if item.modality in media_work else "image"] += work
+        media_positions = sum(media_work.values()) - pending_rows
         return SchedulerStats(
             num_running=len(self.running),
             num_waiting=len(self.waiting),
@@ -309,7 +326,26 @@ class Scheduler:
             encoder_cache_hits=self.encoder_cache.hits,
             num_pending_prefill_tokens=pending_tokens,
             num_pending_encoder_rows=pending_rows,
+            pending_work_text=max(0, pending_tokens - media_positions),
+            pending_work_image=media_work["image"],
+            pending_work_video=media_work["video"],
+            slot_wait_steps=self._slot_wait_steps(),
         )
+
+    def _slot_wait_steps(self) -> int:
+        """Steps until the request behind every waiting one gets a slot. The k-th slot to free
+        is the running request with the k-th smallest output budget left; past one round of
+        slots, each further round adds the mean budget of the waiting requests."""
+        need = len(self.waiting) + 1 - (self.config.max_num_seqs - len(self.running))
+        if need <= 0:
+            return 0
+        left = sorted(max(1, r.sampling_params.max_tokens - r.num_output_tokens) for r in self.running)
+        if not left:
+            return 0  # slots are free but blocks are not: that wait is KV, not slots
+        budget = [r.sampling_params.max_tokens for r in self.waiting]
+        cycle = sum(budget) / len(budget) if budget else left[-1]
+        rounds, index = divmod(need - 1, len(left))
+        return int(left[index] + rounds * cycle)
 
     # ---- internals -----------------------------------------------------------------------
 

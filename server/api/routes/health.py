@@ -1,4 +1,5 @@
-"""GET /health: 200 while the engine really serves, 503 after an engine fault.
+"""GET /health: 200 while the engine really serves; 503 while the model loads, when the engine
+process is gone, or when its step loop stalled with work pending (the watchdog).
 
 Open without an API key (probes carry none). Readiness (`/ready`) and `/metrics` belong to
 other modules."""
@@ -18,6 +19,9 @@ router = APIRouter()
 async def health(engine: EngineDep) -> JSONResponse:
     if engine.is_healthy():
         return JSONResponse({"status": "ok"})
-    body = error_body("the engine is not healthy (it failed and cannot serve); restart the server", 503,
-                      code="engine_unhealthy")
+    if getattr(engine, "phase", None) == "loading":
+        body = error_body("the model is still loading", 503, code="model_loading")
+    else:
+        reason = getattr(engine, "dead_reason", None) or "it failed and cannot serve; restart the server"
+        body = error_body(f"the engine is not healthy: {reason}", 503, code="engine_unhealthy")
     return JSONResponse(body, status_code=503)
