@@ -90,7 +90,8 @@ class LoadMonitor:
         if steps == self._last_steps:
             return  # inputs applied to an idle core: no step ran
         self._last_steps = steps
-        self.estimator.observe(stats.get("step_s", 0.0), stats.get("step_tokens", 0) + stats.get("step_encoder_rows", 0))
+        cycle = stats.get("step_cycle_s", stats.get("step_s", 0.0))  # wall time per step, loop costs included
+        self.estimator.observe(cycle, stats.get("step_tokens", 0) + stats.get("step_encoder_rows", 0))
 
     # ---- outputs ------------------------------------------------------------------------
     def signals(self) -> LoadSignals:

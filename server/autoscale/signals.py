@@ -13,12 +13,14 @@ The estimate, in seconds:
   language-model prompt tokens plus vision-encoder rows (an image's encoder rows cost about
   what as many prompt tokens do; one 1080p Qwen2-VL image is ~10k rows).
 - work_per_s: measured throughput, the same units (LM tokens + encoder rows computed per
-  second of step time), as a ratio of exponentially decayed sums, so old steps fade out.
+  second of the step loop's wall time), as a ratio of exponentially decayed sums, so old
+  steps fade out.
   Before any measurement a prior stands in (`PRIOR_WORK_PER_S` over `PRIOR_SECONDS`); the
   prior decays like a measurement, so a few seconds of real steps outweigh it.
 - slot_wait_steps: decode steps until a sequence slot (max_num_seqs) frees for a newcomer
-  (the scheduler computes it from the running requests' output budgets), times the decayed
-  mean step time.
+  (the scheduler computes it from the running requests' output budgets; requests sent to the
+  core after its last stats add a share of a slot cycle each), times the decayed mean step
+  time.
 """
 
 from __future__ import annotations
@@ -111,10 +113,16 @@ def compute_signals(stats: dict[str, float], estimator: ThroughputEstimator, *, 
     }
     work = sum(by_modality.values())
     prefill_wait = work / estimator.work_per_s
-    slot_wait = float(stats.get("slot_wait_steps", 0)) * estimator.step_s
-    wait = prefill_wait + slot_wait
     running = int(stats.get("num_running", 0))
-    waiting = max(int(stats.get("num_waiting", 0)), num_unfinished - running)
+    known_waiting = int(stats.get("num_waiting", 0))
+    # Sent to the core after its last stats (in the pipe): each takes a slot for one cycle.
+    unseen = max(0, num_unfinished - running - known_waiting)
+    slot_steps = float(stats.get("slot_wait_steps", 0))
+    if unseen and running + known_waiting + unseen >= stats.get("max_num_seqs", 1):
+        slot_steps += unseen * float(stats.get("slot_cycle_steps", 0)) / max(1, int(stats.get("max_num_seqs", 1)))
+    slot_wait = slot_steps * estimator.step_s
+    wait = prefill_wait + slot_wait
+    waiting = known_waiting + unseen
     return LoadSignals(
         estimated_queue_wait_s=wait,
         prefill_wait_s=prefill_wait,

@@ -31,6 +31,12 @@ class EngineCore:
         self.last_step_s = 0.0
         self.last_step_tokens = 0
         self.last_step_encoder_rows = 0
+        # Wall time from the previous step's end to this one's, when the loop went straight
+        # on (work was left): the step plus the loop's own costs (inputs, publishing); the
+        # step time alone otherwise. What a queued request really waits per step.
+        self.last_cycle_s = 0.0
+        self._prev_end: float | None = None
+        self._went_on = False
 
     def add_request(self, request: Request) -> None:
         self.scheduler.add_request(request)
@@ -44,7 +50,11 @@ class EngineCore:
     def step(self) -> list[EngineCoreOutput]:
         t0 = time.perf_counter()
         outputs = self._step()
-        self.last_step_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        self.last_step_s = t1 - t0
+        went_on = self._went_on and self._prev_end is not None
+        self.last_cycle_s = t1 - self._prev_end if went_on else self.last_step_s
+        self._prev_end, self._went_on = t1, self.scheduler.has_unfinished_requests()
         return outputs
 
     def _step(self) -> list[EngineCoreOutput]:

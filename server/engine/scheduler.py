@@ -53,6 +53,10 @@ class SchedulerStats:
     # Decode steps until a request arriving now could get a sequence slot (max_num_seqs),
     # from the output budgets (max_tokens) left to the running requests: an upper bound.
     slot_wait_steps: int = 0
+    # Steps one sequence slot stays taken, on average (the mean output budget): the front-end
+    # adds slot_cycle_steps / max_num_seqs per request it sent that is not in these stats yet.
+    slot_cycle_steps: float = 0.0
+    max_num_seqs: int = 1
 
 
 @dataclass
@@ -330,7 +334,13 @@ class Scheduler:
             pending_work_image=media_work["image"],
             pending_work_video=media_work["video"],
             slot_wait_steps=self._slot_wait_steps(),
+            slot_cycle_steps=self._slot_cycle_steps(),
+            max_num_seqs=self.config.max_num_seqs,
         )
+
+    def _slot_cycle_steps(self) -> float:
+        budgets = [r.sampling_params.max_tokens for r in (*self.running, *self.waiting)]
+        return sum(budgets) / len(budgets) if budgets else 0.0
 
     def _slot_wait_steps(self) -> int:
         """Steps until the request behind every waiting one gets a slot. The k-th slot to free
