@@ -15,14 +15,17 @@ from vlmserve.autoscale.monitor import LoadMonitor
 from vlmserve.engine.sampling_params import SamplingParams
 
 LOADING_RETRY_AFTER_S = 5
+# Not serving yet: requests get 503 + Retry-After, /health and /ready 503.
+STARTING_PHASES = ("loading", "warming_up")
 
 
 def check_admission(request: Request) -> None:
     engine = request.app.state.engine
     monitor: LoadMonitor = request.app.state.load_monitor
-    if not engine.is_healthy():
+    phase = getattr(engine, "phase", None)
+    if not engine.is_healthy() or phase in STARTING_PHASES:
         monitor.count_rejection("not_ready")
-        if getattr(engine, "phase", None) == "loading":
+        if phase in STARTING_PHASES:
             raise APIError("the model is still loading; retry in a few seconds (GET /ready answers 200 once it "
                            "serves)", 503, code="model_loading", type="server_error",
                            headers={"Retry-After": str(LOADING_RETRY_AFTER_S)})

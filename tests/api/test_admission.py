@@ -74,15 +74,17 @@ async def test_a_dead_engine_answers_503_before_any_response_starts(client, engi
     assert _rejections((await client.get("/metrics")).text)["not_ready"] == 1
 
 
-async def test_a_loading_engine_answers_503_with_retry_after(client, engine, monkeypatch):
-    engine.healthy = False
-    monkeypatch.setattr(engine, "phase", "loading", raising=False)
+@pytest.mark.parametrize("phase", ["loading", "warming_up"])
+async def test_a_starting_engine_answers_503_with_retry_after(client, engine, monkeypatch, phase):
+    engine.healthy = phase == "warming_up"  # the core runs during the warm-up, but nobody is served yet
+    monkeypatch.setattr(engine, "phase", phase, raising=False)
     r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2})
     assert r.status_code == 503 and r.headers["retry-after"] == "5"
     assert "still loading" in r.json()["error"]["message"]
     h = await client.get("/health")
     assert h.status_code == 503 and h.json()["error"]["code"] == "model_loading"
-    assert (await client.get("/ready")).json() == {"ready": False, "phase": "loading"}
+    monkeypatch.setattr(engine, "is_ready", lambda: False, raising=False)
+    assert (await client.get("/ready")).json() == {"ready": False, "phase": phase}
 
 
 async def test_request_params_are_observed_once_per_api_request(make_client, engine):
