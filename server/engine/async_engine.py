@@ -225,7 +225,7 @@ class AsyncEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         stream = _Stream(request_id, prompt, IncrementalDetokenizer(self.tokenizer, prompt.prompt_token_ids, sampling_params))
         stream.recorded = not request_id.startswith(WARMUP_PREFIX)
-        if not self._streams:
+        if not self._num_pending():
             self._watchdog.progress(time.monotonic())  # the loop was idle: its silence was fine
         self._streams[request_id] = stream
         request = Request(request_id, prompt, sampling_params, eos_token_ids=self.eos_token_ids)
@@ -292,11 +292,15 @@ class AsyncEngine:
         in-flight request ends with an error instead of hanging."""
         while self._dead is None:
             await asyncio.sleep(self._watchdog.poll_s)
-            message = self._watchdog.check(time.monotonic(), len(self._streams))
+            message = self._watchdog.check(time.monotonic(), self._num_pending())
             if message is not None:
                 logger.error("%s", message)
                 self._dead = message
                 self._fail_all(message)
+
+    def _num_pending(self) -> int:
+        """Requests the core still owes outputs (a finished stream may wait for a slow reader)."""
+        return sum(1 for stream in self._streams.values() if not stream.finished)
 
     def _fail_all(self, message: str) -> None:
         for stream in list(self._streams.values()):

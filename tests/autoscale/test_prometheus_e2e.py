@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from tests.autoscale.conftest import ready_server
+from tests.autoscale.conftest import metric_values, ready_server
 from tests.deploy.assets import RULE_FILES, dashboard_exprs, rule_exprs, server_metrics_in
 from tests.utils import _free_port, image, png_data_url
 
@@ -60,6 +60,20 @@ def test_the_issue_names_are_exported(server):
                  "vlmserve:startup_phase_seconds"):
         assert name in exported, name
     text = httpx.get(server + "/metrics").text
+    values = metric_values(text)
+
+    def v(name: str) -> float:
+        return values[name + '{model_name="tiny"}']
+
+    # One user request (the warm-up is not counted): each phase observed once, and they add up.
+    for phase in ("queue", "prefill", "decode", "inference"):
+        assert v(f"vllm:request_{phase}_time_seconds_count") >= 1
+    assert v("vllm:request_inference_time_seconds_sum") == pytest.approx(
+        v("vllm:request_prefill_time_seconds_sum") + v("vllm:request_decode_time_seconds_sum"), abs=1e-6)
+    assert v("vllm:request_params_max_tokens_sum") >= 4 and v("vllm:request_params_n_sum") >= 1
+    assert v("vlmserve:request_vision_tokens_sum") > 0  # the image's placeholder tokens
+    assert v("vllm:iteration_tokens_total_sum") > v("vllm:iteration_tokens_total_count") > 0
+    assert v("vlmserve:engine_step_duration_seconds_count") == v("vllm:iteration_tokens_total_count")
     for stage in ("fetch", "decode", "resize", "render"):  # the image request went through each
         count = next(line for line in text.splitlines()
                      if line.startswith("vlmserve:media_stage_seconds_count{") and f'stage="{stage}"' in line)
