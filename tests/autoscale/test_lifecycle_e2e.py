@@ -1,62 +1,19 @@
-"""Health that tells the truth, against the real server on loopback: 503 while loading and
-warming up (the warm-up runs the vision encoder before the first 200), a drain under load
-that loses nothing, and a wedged engine (SIGSTOP: alive but making no progress) caught by
-the watchdog, which ends in-flight streams with an error and turns /health to 503."""
+"""Health that tells the truth, against the real server on loopback: a drain under load that
+loses nothing, and a wedged engine (SIGSTOP: alive but making no progress) caught by the
+watchdog, which ends in-flight streams with an error and turns /health to 503. (503 while
+loading and warming up: test_prometheus_e2e.py, which watches its server start.)"""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import httpx
 
-from tests.autoscale.conftest import engine_pid, metric_values, ready_server
+from tests.autoscale.conftest import engine_pid, ready_server
 from tests.autoscale.load import Outcome, _one, chat_body
-from tests.utils import _free_port
-
-
-def test_ready_is_503_while_loading_and_warming_up_and_the_warmup_ran_the_encoder(tiny_ckpt, tmp_path):
-    port = _free_port()
-    base = f"http://127.0.0.1:{port}"
-    env = dict(os.environ, VLMSERVE_CACHE=str(tmp_path / "cache"))
-    proc = subprocess.Popen([sys.executable, "-m", "vlmserve", "serve", "--model", str(tiny_ckpt), "--port", str(port),
-                             "--served-model-name", "tiny", "--num-kv-blocks", "256", "--max-model-len", "2048"],
-                            stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT, env=env)
-    try:
-        seen, refused_while_loading = [], None
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                r = httpx.get(base + "/ready", timeout=2)
-            except httpx.HTTPError:
-                time.sleep(0.02)
-                continue
-            seen.append((r.status_code, r.json()["phase"]))
-            if r.status_code == 200:
-                break
-            if r.json()["phase"] == "loading" and refused_while_loading is None:
-                refused_while_loading = httpx.post(base + "/v1/chat/completions", json=chat_body(2, stream=True))
-                assert httpx.get(base + "/health").status_code == 503
-            time.sleep(0.02)
-        assert seen and seen[-1] == (200, "serving"), seen
-        assert {p for s, p in seen[:-1]} <= {"loading", "warming_up"} and all(s == 503 for s, _ in seen[:-1])
-        assert len(seen) > 1, "never saw /ready answer 503 before serving"
-        if refused_while_loading is not None:
-            assert refused_while_loading.status_code == 503 and refused_while_loading.headers["retry-after"] == "5"
-        # No request was served, yet the encoder ran: the warm-up's probe image.
-        values = metric_values(httpx.get(base + "/metrics").text)
-        assert values['vlmserve:encoder_items_total{model_name="tiny"}'] >= 1
-        assert values['vllm:time_to_first_token_seconds_count{model_name="tiny"}'] == 0  # warm-up is not traffic
-        assert values['vlmserve:startup_phase_seconds{model_name="tiny",phase="warmup"}'] > 0
-        assert values['vlmserve:startup_phase_seconds{model_name="tiny",phase="engine_load"}'] > 0
-    finally:
-        proc.terminate()
-        proc.wait(30)
-    assert proc.returncode == 0
 
 
 def test_sigterm_under_load_flips_ready_first_loses_nothing_and_exits_0(tiny_ckpt, tmp_path):

@@ -1,17 +1,21 @@
-"""The live server's /metrics against what the monitoring assets query, and a real Prometheus
-(Debian's package, installed by .ci/run) scraping it: its rules load, PromQL over our metrics
-and over the recording rules returns values."""
+"""One real server, watched from its start: /ready is 503 while it loads and warms up (the
+warm-up runs the vision encoder); then its /metrics against what the monitoring assets query,
+and a real Prometheus (Debian's package, installed by .ci/run) scraping it: its rules load,
+PromQL over our metrics and over the recording rules returns values."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
 import time
+from dataclasses import dataclass
 
 import httpx
 import pytest
 
-from tests.autoscale.conftest import metric_values, ready_server
+from tests.autoscale.conftest import metric_values
 from tests.deploy.assets import RULE_FILES, dashboard_exprs, rule_exprs, server_metrics_in
 from tests.utils import _free_port, image, png_data_url
 
@@ -25,11 +29,71 @@ def _chat(base: str, with_image: bool) -> None:
     assert r.status_code == 200
 
 
+@dataclass
+class Started:
+    base: str
+    seen: list[tuple[int, str]]  # (/ready status, phase) from the first answer to the first 200
+    refused_while_loading: httpx.Response | None
+    metrics_at_ready: str  # /metrics right after the first 200, before any user request
+
+
+def _watch_start(base: str, proc: subprocess.Popen) -> Started:
+    seen, refused = [], None
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            r = httpx.get(base + "/ready", timeout=2)
+        except httpx.HTTPError:
+            time.sleep(0.02)
+            continue
+        seen.append((r.status_code, r.json()["phase"]))
+        if r.status_code == 200:
+            break
+        if r.json()["phase"] == "loading" and refused is None:
+            refused = httpx.post(base + "/v1/chat/completions", timeout=10, json={
+                "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "stream": True})
+            assert httpx.get(base + "/health").status_code == 503
+        time.sleep(0.02)
+    return Started(base, seen, refused, httpx.get(base + "/metrics").text)
+
+
 @pytest.fixture(scope="module")
-def server(tiny_ckpt, tmp_path_factory):
-    with ready_server(tiny_ckpt, tmp_path_factory.mktemp("prom_server")) as base:
-        _chat(base, with_image=True)
-        yield base
+def started(tiny_ckpt, tmp_path_factory):
+    """One server for the module, watched from its first answer: /ready polled until 200."""
+    workdir = tmp_path_factory.mktemp("prom_server")
+    port = _free_port()
+    env = dict(os.environ, VLMSERVE_CACHE=str(workdir / "cache"))
+    proc = subprocess.Popen([sys.executable, "-m", "vlmserve", "serve", "--model", str(tiny_ckpt), "--port", str(port),
+                             "--served-model-name", "tiny", "--num-kv-blocks", "256", "--max-model-len", "2048"],
+                            stdout=open(workdir / "server.log", "w"), stderr=subprocess.STDOUT, env=env)
+    try:
+        yield _watch_start(f"http://127.0.0.1:{port}", proc)
+    finally:
+        proc.terminate()
+        assert proc.wait(30) == 0, (workdir / "server.log").read_text()
+
+
+@pytest.fixture(scope="module")
+def server(started):
+    assert started.seen and started.seen[-1][0] == 200, started.seen
+    _chat(started.base, with_image=True)
+    return started.base
+
+
+def test_ready_is_503_while_loading_and_warming_up_and_the_warmup_ran_the_encoder(started):
+    seen = started.seen
+    assert seen and seen[-1] == (200, "serving"), seen
+    assert len(seen) > 1, "never saw /ready answer 503 before serving"
+    assert {p for _, p in seen[:-1]} <= {"loading", "warming_up"} and all(s == 503 for s, _ in seen[:-1])
+    if started.refused_while_loading is not None:
+        r = started.refused_while_loading
+        assert r.status_code == 503 and r.headers["retry-after"] == "5", r.text
+    # No request was served yet, but the encoder ran: the warm-up's probe image.
+    values = metric_values(started.metrics_at_ready)
+    assert values['vlmserve:encoder_items_total{model_name="tiny"}'] >= 1
+    assert values['vllm:time_to_first_token_seconds_count{model_name="tiny"}'] == 0  # warm-up is not traffic
+    assert values['vlmserve:startup_phase_seconds{model_name="tiny",phase="warmup"}'] > 0
+    assert values['vlmserve:startup_phase_seconds{model_name="tiny",phase="engine_load"}'] > 0
 
 
 def _exported(base: str) -> set[str]:
