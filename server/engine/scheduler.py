@@ -22,6 +22,7 @@ from vlmserve.config import EngineConfig
 from vlmserve.engine.cross_kv_manager import CrossKVManager
 from vlmserve.engine.encoder_cache_manager import EncoderCacheManager
 from vlmserve.engine.kv_cache_manager import KVCacheManager
+from vlmserve.engine.load_stats import pending_work, slot_cycle_steps, slot_wait_steps
 from vlmserve.engine.outputs import (
     CachedRequestData,
     EngineCoreOutput,
@@ -302,23 +303,7 @@ class Scheduler:
         return outputs
 
     def get_stats(self) -> SchedulerStats:
-        pending_tokens = sum(r.num_tokens for r in self.waiting) + sum(
-            max(0, r.num_prompt_tokens - r.num_computed_tokens) for r in self.running
-        )
-        pending_rows = 0
-        media_work = {"image": 0, "video": 0}
-        for request in (*self.waiting, *self.running):
-            computed = request.num_computed_tokens
-            for item in request.mm_items:
-                if item.offset + item.length <= computed:
-                    continue
-                # LM positions of the item still to prefill, plus its encoder rows if not cached.
-                work = item.offset + item.length - max(item.offset, computed)
-                if not self.encoder_cache.contains(item.content_hash):
-                    pending_rows += item.encoder_rows
-                    work += item.encoder_rows
-                media_work[item.modality if item.modality in media_work else "image"] += work
-        media_positions = sum(media_work.values()) - pending_rows
+        work = pending_work(self.waiting, self.running, self.encoder_cache.contains)
         return SchedulerStats(
             num_running=len(self.running),
             num_waiting=len(self.waiting),
@@ -328,34 +313,15 @@ class Scheduler:
             prefix_cache_hits=self.kv_cache.prefix_cache_hits,
             encoder_cache_queries=self.encoder_cache.queries,
             encoder_cache_hits=self.encoder_cache.hits,
-            num_pending_prefill_tokens=pending_tokens,
-            num_pending_encoder_rows=pending_rows,
-            pending_work_text=max(0, pending_tokens - media_positions),
-            pending_work_image=media_work["image"],
-            pending_work_video=media_work["video"],
-            slot_wait_steps=self._slot_wait_steps(),
-            slot_cycle_steps=self._slot_cycle_steps(),
+            num_pending_prefill_tokens=work.num_tokens,
+            num_pending_encoder_rows=work.num_encoder_rows,
+            pending_work_text=work.text,
+            pending_work_image=work.image,
+            pending_work_video=work.video,
+            slot_wait_steps=slot_wait_steps(self.waiting, self.running, self.config.max_num_seqs),
+            slot_cycle_steps=slot_cycle_steps(self.waiting, self.running),
             max_num_seqs=self.config.max_num_seqs,
         )
-
-    def _slot_cycle_steps(self) -> float:
-        budgets = [r.sampling_params.max_tokens for r in (*self.running, *self.waiting)]
-        return sum(budgets) / len(budgets) if budgets else 0.0
-
-    def _slot_wait_steps(self) -> int:
-        """Steps until the request behind every waiting one gets a slot. The k-th slot to free
-        is the running request with the k-th smallest output budget left; past one round of
-        slots, each further round adds the mean budget of the waiting requests."""
-        need = len(self.waiting) + 1 - (self.config.max_num_seqs - len(self.running))
-        if need <= 0:
-            return 0
-        left = sorted(max(1, r.sampling_params.max_tokens - r.num_output_tokens) for r in self.running)
-        if not left:
-            return 0  # slots are free but blocks are not: that wait is KV, not slots
-        budget = [r.sampling_params.max_tokens for r in self.waiting]
-        cycle = sum(budget) / len(budget) if budget else left[-1]
-        rounds, index = divmod(need - 1, len(left))
-        return int(left[index] + rounds * cycle)
 
     # ---- internals -----------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""The scheduler's load statistics: pending prefill work split by modality, and the steps a
+"""Load statistics of the scheduler (engine/load_stats.py): pending prefill work split by modality, and the steps a
 newcomer waits for a sequence slot (what the autoscaling estimate is built on)."""
 
 from __future__ import annotations
