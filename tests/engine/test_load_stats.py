@@ -1,5 +1,6 @@
-"""Load statistics of the scheduler (engine/load_stats.py): pending prefill work split by modality, and the steps a
-newcomer waits for a sequence slot (what the autoscaling estimate is built on)."""
+"""The scheduler's load statistics (engine/load_stats.py): pending prefill work split by
+modality, and the steps a newcomer waits for a sequence slot (what the autoscaling estimate
+is built on)."""
 
 from __future__ import annotations
 
