@@ -225,7 +225,7 @@ class AsyncEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         stream = _Stream(request_id, prompt, IncrementalDetokenizer(self.tokenizer, prompt.prompt_token_ids, sampling_params))
         stream.recorded = not request_id.startswith(WARMUP_PREFIX)
-        if not self._num_pending():
+        if not any(not s.finished for s in self._streams.values()):  # stops at the first: O(1) when busy
             self._watchdog.progress(time.monotonic())  # the loop was idle: its silence was fine
         self._streams[request_id] = stream
         request = Request(request_id, prompt, sampling_params, eos_token_ids=self.eos_token_ids)
