@@ -98,7 +98,8 @@ class LoadMonitor:
         snapshot = getattr(self.engine, "snapshot", None)
         stats = snapshot() if snapshot is not None else {}
         return compute_signals(stats, self.estimator, target_queue_wait_s=self.target_queue_wait_s,
-                               num_unfinished=getattr(self.engine, "num_unfinished", 0))
+                               num_unfinished=getattr(self.engine, "num_unfinished", 0)
+                               + getattr(self.engine, "num_rendering", 0))
 
     def is_ready(self) -> bool:
         return bool(getattr(self.engine, "is_ready", self.engine.is_healthy)())

@@ -104,8 +104,8 @@ def desired_replicas(current: int, load_s: float, target_s: float) -> int:
 def compute_signals(stats: dict[str, float], estimator: ThroughputEstimator, *, target_queue_wait_s: float,
                     current_replicas: int = 1, num_unfinished: int = 0) -> LoadSignals:
     """`stats`: the scheduler stats the core published last (see `SchedulerStats`).
-    `num_unfinished`: requests the front-end handed the engine; those the core has not taken in
-    yet (still in the pipe) count as waiting."""
+    `num_unfinished`: requests the front-end handed the engine or is rendering for it; those the
+    core has not taken in yet count as waiting."""
     by_modality = {
         "text": float(stats.get("pending_work_text", stats.get("num_pending_prefill_tokens", 0))),
         "image": float(stats.get("pending_work_image", 0)),

@@ -92,6 +92,9 @@ class AsyncEngine:
         self._watch_task: asyncio.Task | None = None
         self._warm = False
         self._last_steps = 0
+        # Requests being rendered (template, tokenizer, image processing): admitted, about to
+        # queue in the engine. The load estimate counts them as waiting.
+        self.num_rendering = 0
         _time_preprocessing(processor, self.metrics)
 
     # ---- lifecycle -------------------------------------------------------------------
@@ -185,6 +188,7 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         kwargs = {"videos": videos} if videos else {}
         t0 = time.monotonic()
+        self.num_rendering += 1
         try:
             prompt = await loop.run_in_executor(
                 self._render_pool,
@@ -195,13 +199,19 @@ class AsyncEngine:
         except MediaError:
             self.metrics.media_failure("render_failed")
             raise
+        finally:
+            self.num_rendering -= 1
         if images or videos:
             self.metrics.media_stage("render", time.monotonic() - t0)
         return self._check_length(prompt)
 
     async def render_completion(self, prompt: str | list[int]) -> ProcessedPrompt:
         loop = asyncio.get_running_loop()
-        out = await loop.run_in_executor(self._render_pool, self.processor.render_completion, prompt)
+        self.num_rendering += 1
+        try:
+            out = await loop.run_in_executor(self._render_pool, self.processor.render_completion, prompt)
+        finally:
+            self.num_rendering -= 1
         return self._check_length(out)
 
     def _check_length(self, prompt: ProcessedPrompt) -> ProcessedPrompt:

@@ -68,3 +68,17 @@ def test_load_report_has_signals_and_lifecycle() -> None:
     assert report["num_waiting"] == 2 and report["pending_prefill_tokens"]["text"] == 100
     assert {"estimated_queue_wait_s", "desired_replicas", "current_replicas", "target_queue_wait_s",
             "kv_cache_usage", "work_per_s"} <= set(report)
+
+
+def test_requests_being_rendered_or_in_the_pipe_count_as_waiting() -> None:
+    engine = _Engine()
+    engine.stats = {"num_waiting": 2, "num_running": 4, "slot_wait_steps": 10, "slot_cycle_steps": 40,
+                    "max_num_seqs": 4}
+    monitor = LoadMonitor(engine, model_name="m")
+    quiet = monitor.signals()
+    engine.num_unfinished = 8  # 4 running + 2 waiting + 2 the core has not taken in yet
+    engine.num_rendering = 2
+    busy = monitor.signals()
+    assert (quiet.num_waiting, busy.num_waiting) == (2, 6)
+    # Each unseen request takes a slot for one cycle: 4 x 40 / 4 more steps to wait.
+    assert busy.slot_wait_s == pytest.approx(quiet.slot_wait_s * (10 + 40) / 10)
