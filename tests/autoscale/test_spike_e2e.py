@@ -8,8 +8,8 @@ client on a shared 2-core machine, and the estimate's error); the webhook receiv
 overload event (with the documented fields), repeats it no sooner than the cooldown, and
 receives the recovery event once the spike is over.
 
-Sizing: 2 sequence slots x 64 tokens hold a request ~0.3-0.5 s here, so the engine serves
-~4-6 requests/s; 1/s steady is under that and 10/s is well over it.
+Sizing: 2 sequence slots x 128 tokens hold a request ~0.3-1 s (2-7 ms steps), so the engine serves
+~2-7 requests/s; 1/s steady is under that and 10/s is well over it.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def test_spike_sheds_load_with_429_keeps_admitted_ttft_bounded_and_calls_the_web
         "--scale-webhook-sustain-s", "1",
     ) as base:
         phases = [("steady", 1.0, 3.0), ("spike", 10.0, 4.0), ("after", 1.0, 2.0)]
-        outcomes = asyncio.run(run_phases(base, phases, chat_body(max_tokens=64)))
+        outcomes = asyncio.run(run_phases(base, phases, chat_body(max_tokens=128)))
         deadline = time.monotonic() + 10
         while not any(e["event"] == "recovery" for _, e in rx.events) and time.monotonic() < deadline:
             time.sleep(0.1)
