@@ -62,7 +62,8 @@ ENGINE_FLAGS = (
 
 SERVER_FLAGS = (
     "host", "port", "served_model_name", "api_key", "max_request_body_bytes", "limit_mm_per_prompt",
-    "max_pending_requests", "drain_seconds",
+    "max_pending_requests", "drain_seconds", "target_queue_wait_s", "max_queue_wait_s", "max_waiting_requests",
+    "scale_webhook", "scale_webhook_cooldown_s", "scale_webhook_sustain_s", "engine_watchdog_s",
 )  # fmt: skip
 MEDIA_FLAGS = (
     "max_image_pixels", "max_media_bytes", "max_video_bytes", "image_timeout_s", "video_timeout_s",
@@ -146,6 +147,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on SIGTERM, serve this long with /ready at 503 before closing the listener (default 0)")
     s.add_argument("--engine-mode", choices=["process", "thread"],
                    help="run the engine step loop in its own process (default) or on a thread of this one")
+    a = serve.add_argument_group("autoscaling, admission control and health")
+    a.add_argument("--target-queue-wait-s", type=float,
+                   help="queue wait that desired_replicas and the scale webhook aim for (default 1)")
+    a.add_argument("--max-queue-wait-s", type=float,
+                   help="429 + Retry-After when the estimated queue wait exceeds this (default: no limit)")
+    a.add_argument("--max-waiting-requests", type=int,
+                   help="429 + Retry-After when this many requests already wait (default: no limit)")
+    a.add_argument("--scale-webhook", action="append", metavar="URL",
+                   help="POST a JSON event here on sustained overload and on recovery (repeatable)")
+    a.add_argument("--scale-webhook-cooldown-s", type=float, help="at most one overload event per this (default 30)")
+    a.add_argument("--scale-webhook-sustain-s", type=float,
+                   help="how long the wait must stay above (or back under) the target (default 3)")
+    a.add_argument("--engine-watchdog-s", type=float,
+                   help="with requests pending, a step loop silent this long is dead: /health 503 (default 60)")
     s.add_argument("--limit-mm-per-prompt", help="most media items per request (default image=32,video=2), e.g. image=64")
     m = serve.add_argument_group("media")
     m.add_argument("--max-image-pixels", type=int, help="refuse larger images (checked from the header)")

@@ -85,6 +85,31 @@ class ServerConfig:
     # balancer (Kubernetes endpoints) stops routing here before the listener closes; then
     # stop accepting and finish the requests in flight. 0: stop accepting at once.
     drain_seconds: float = 0.0
+    # Autoscaling signals and admission control (server/autoscale/).
+    target_queue_wait_s: float = 1.0  # the wait desired_replicas and the webhook aim for
+    max_queue_wait_s: float | None = None  # 429 when the estimated queue wait exceeds it
+    max_waiting_requests: int | None = None  # 429 when this many requests already wait
+    scale_webhook: tuple[str, ...] = ()  # URLs POSTed on sustained overload and on recovery
+    scale_webhook_cooldown_s: float = 30.0
+    scale_webhook_sustain_s: float = 3.0  # how long the wait must stay above (or under) target
+    # With requests pending, an engine step loop silent this long is dead (/health 503).
+    engine_watchdog_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        from vlmserve.autoscale.admission import AdmissionPolicy
+        from vlmserve.autoscale.webhook import check_webhook_url
+
+        if not self.target_queue_wait_s > 0:
+            raise ValueError(f"--target-queue-wait-s must be greater than 0, got {self.target_queue_wait_s}")
+        AdmissionPolicy(self.max_queue_wait_s, self.max_waiting_requests)  # validates
+        if isinstance(self.scale_webhook, str):
+            object.__setattr__(self, "scale_webhook", (self.scale_webhook,))
+        object.__setattr__(self, "scale_webhook", tuple(check_webhook_url(u) for u in self.scale_webhook))
+        for name in ("scale_webhook_cooldown_s", "scale_webhook_sustain_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 0, got {getattr(self, name)}")
+        if not self.engine_watchdog_s > 0:
+            raise ValueError(f"--engine-watchdog-s must be greater than 0, got {self.engine_watchdog_s}")
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 Middleware order (outermost first): API key, body size limit, then FastAPI. Both act
 before the body is parsed. Engine, config, media loader and the token renderer live on
-`app.state` and reach the routes through the `Annotated` aliases of `server/api/deps.py`.
+`app.state` (with the autoscaling `LoadMonitor`) and reach the routes through the `Annotated` aliases of `server/api/deps.py`.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from vlmserve.api.errors import install_exception_handlers
 from vlmserve.api.logprobs import TokenRenderer
 from vlmserve.api.middleware import ApiKeyMiddleware, BodySizeLimitMiddleware
 from vlmserve.api.routes import chat, completions, health, models, ops
+from vlmserve.autoscale.admission import AdmissionPolicy
+from vlmserve.autoscale.monitor import LoadMonitor
 from vlmserve.config import ServerConfig
 from vlmserve.engine.client import EngineClient
 from vlmserve.multimodal.media import MediaLoader
@@ -28,6 +30,11 @@ def create_app(engine: EngineClient, config: ServerConfig, media: MediaLoader | 
     app.state.media = media if media is not None else MediaLoader()
     app.state.token_renderer = TokenRenderer(getattr(engine, "tokenizer", None))
     app.state.started_at = int(time.time())
+    app.state.load_monitor = LoadMonitor(
+        engine, model_name=engine.model_name, target_queue_wait_s=config.target_queue_wait_s,
+        policy=AdmissionPolicy(config.max_queue_wait_s, config.max_waiting_requests), webhooks=config.scale_webhook,
+        webhook_cooldown_s=config.scale_webhook_cooldown_s, webhook_sustain_s=config.scale_webhook_sustain_s,
+    )
 
     for module in (chat, completions, models, health, ops):
         app.include_router(module.router)

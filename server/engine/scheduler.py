@@ -29,6 +29,7 @@ from vlmserve.engine.culprit_search import CulpritSearch
 from vlmserve.engine.encoder_cache_manager import EncoderCacheManager
 from vlmserve.engine.encoder_plan import commit_encoder, plan_encoder
 from vlmserve.engine.kv_cache_manager import KVCacheManager
+from vlmserve.engine.load_stats import slot_cycle_steps, slot_wait_steps
 from vlmserve.engine.outputs import (
     CachedRequestData,
     EngineCoreOutput,
@@ -52,6 +53,19 @@ class SchedulerStats:
     encoder_cache_hits: int  # items
     num_pending_prefill_tokens: int  # tokens of waiting + running requests not yet computed
     num_pending_encoder_rows: int  # encoder rows still to compute for those requests
+    # The same pending prefill work split by the modality that causes it (token-equivalents:
+    # LM prompt tokens at text / image / video positions, plus that modality's encoder rows);
+    # the three sum to num_pending_prefill_tokens + num_pending_encoder_rows.
+    pending_work_text: int = 0
+    pending_work_image: int = 0
+    pending_work_video: int = 0
+    # Decode steps until a request arriving now could get a sequence slot (max_num_seqs),
+    # from the output budgets (max_tokens) left to the running requests: an upper bound.
+    slot_wait_steps: int = 0
+    # Steps one sequence slot stays taken, on average (the mean output budget): the front-end
+    # adds slot_cycle_steps / max_num_seqs per request it sent that is not in these stats yet.
+    slot_cycle_steps: float = 0.0
+    max_num_seqs: int = 1
 
 
 class Scheduler:
@@ -279,6 +293,7 @@ class Scheduler:
                     stop_reason=request.stop_token_id,
                     num_cached_tokens=request.num_cached_tokens if first else 0,
                     new_logprobs=logprobs[: len(new_tokens)] if logprobs is not None else None,
+                    first_scheduled_time=request.first_scheduled_time if first else None,
                 )
             )
             if request.is_finished:
@@ -289,7 +304,9 @@ class Scheduler:
         return outputs
 
     def get_stats(self) -> SchedulerStats:
-        """O(1): the pending-work figures are counters (`PendingWork`)."""
+        """O(running): the pending-work figures are counters (`PendingWork`)."""
+        p = self._pending
+        text, image, video = p.work_by_modality()
         return SchedulerStats(
             num_running=len(self.running),
             num_waiting=len(self.waiting),
@@ -299,8 +316,14 @@ class Scheduler:
             prefix_cache_hits=self.kv_cache.prefix_cache_hits,
             encoder_cache_queries=self.encoder_cache.queries,
             encoder_cache_hits=self.encoder_cache.hits,
-            num_pending_prefill_tokens=self._pending.prefill_tokens,
-            num_pending_encoder_rows=self._pending.encoder_rows,
+            num_pending_prefill_tokens=p.prefill_tokens,
+            num_pending_encoder_rows=p.encoder_rows,
+            pending_work_text=text,
+            pending_work_image=image,
+            pending_work_video=video,
+            slot_wait_steps=slot_wait_steps(len(self.waiting), p.waiting_budget, self.running, self.config.max_num_seqs),
+            slot_cycle_steps=slot_cycle_steps(p.total_budget, p.num_tracked),
+            max_num_seqs=self.config.max_num_seqs,
         )
 
     # ---- internals -----------------------------------------------------------------------

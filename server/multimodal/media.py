@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
@@ -56,6 +57,7 @@ class MediaLoader:
         # growing executor queue holding raw bytes; it is bound to one loop, so it is made
         # per running loop.
         self._sems: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Semaphore]] = {}
+        self.observer: Any = None  # stage timings and failures (see `_load`)
 
     # Counters for /metrics.
     @property
@@ -73,12 +75,34 @@ class MediaLoader:
 
     async def load_image(self, url: str) -> Image.Image:
         """The decoded RGB image, shared with other callers of the same bytes: read-only."""
-        raw = await self._fetcher.fetch(url, kind="image")
-        return await self._run(self._image_job, raw)
+        return await self._load(url, "image", self._image_job)
 
     async def load_video(self, url: str) -> VideoFrames:
-        raw = await self._fetcher.fetch(url, kind="video")
-        return await self._run(self._video_job, raw)
+        return await self._load(url, "video", self._video_job)
+
+    async def _load(self, url: str, kind: str, job: Callable[[bytes], Any]) -> Any:
+        """Fetch then decode, each timed and each failure counted on `observer`, when set (an
+        object with media_stage(stage, seconds) and media_failure(reason): the engine metrics)."""
+        t0 = time.perf_counter()
+        try:
+            raw = await self._fetcher.fetch(url, kind=kind)
+        except MediaError as e:
+            self._failed("too_large" if e.status_code == 413 else "fetch_failed")
+            raise
+        t1 = time.perf_counter()
+        try:
+            decoded = await self._run(job, raw)
+        except MediaError as e:
+            self._failed("too_large" if e.status_code == 413 else "decode_failed")
+            raise
+        if self.observer is not None:
+            self.observer.media_stage("fetch", t1 - t0)
+            self.observer.media_stage("decode", time.perf_counter() - t1)
+        return decoded
+
+    def _failed(self, reason: str) -> None:
+        if self.observer is not None:
+            self.observer.media_failure(reason)
 
     def close(self) -> None:
         """Stops the decode threads once their current work is done."""

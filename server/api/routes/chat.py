@@ -7,6 +7,7 @@ from typing import AsyncIterator
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from vlmserve.api.load_gate import check_admission, record_request_params
 from vlmserve.api.deps import ConfigDep, EngineDep, MediaDep, TokenRendererDep
 from vlmserve.api.errors import internal_error
 from vlmserve.api.generation import (
@@ -41,6 +42,7 @@ async def create_chat_completion(
     config: ConfigDep,
 ) -> ChatCompletionResponse | Response:
     check_request(body, engine)
+    check_admission(request)
     check_capacity(engine, config.max_pending_requests)
     conversation, refs = to_hf_conversation(body.messages)
     check_modalities(refs, getattr(engine, "modalities", ("image", "video")), engine.model_name)
@@ -56,6 +58,7 @@ async def create_chat_completion(
     prompt_len = len(prompt.prompt_token_ids)
     params = build_sampling_params(body, defaults=engine.generation_defaults(), prompt_len=prompt_len,
                                    max_model_len=engine.max_model_len)
+    record_request_params(request, params)
     ctx = ResponseContext.new("chatcmpl", engine.model_name)
     outputs = generate_choices(engine, prompt, params, ctx.id)
     if body.stream:

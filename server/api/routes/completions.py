@@ -7,6 +7,7 @@ from typing import AsyncIterator
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from vlmserve.api.load_gate import check_admission, record_request_params
 from vlmserve.api.deps import ConfigDep, EngineDep, TokenRendererDep
 from vlmserve.api.errors import APIError, internal_error
 from vlmserve.api.generation import (
@@ -57,11 +58,13 @@ async def create_completion(
     body: CompletionRequest, request: Request, engine: EngineDep, renderer: TokenRendererDep, config: ConfigDep,
 ) -> CompletionResponse | Response:
     check_request(body, engine)
+    check_admission(request)
     check_capacity(engine, config.max_pending_requests)
     prompt = await render_prompt(engine.render_completion(single_prompt(body.prompt)), param="prompt")
     prompt_len = len(prompt.prompt_token_ids)
     params = build_sampling_params(body, defaults=engine.generation_defaults(), prompt_len=prompt_len,
                                    max_model_len=engine.max_model_len)
+    record_request_params(request, params)
     ctx = ResponseContext.new("cmpl", engine.model_name)
     outputs = generate_choices(engine, prompt, params, ctx.id)
     if body.stream:
