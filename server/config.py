@@ -67,8 +67,13 @@ class ServerConfig:
     served_model_name: str | None = None
     api_key: str | None = None
     max_request_body_bytes: int = 64 * 1024 * 1024
-    # Admission control: requests in flight (queued or running) past which new ones get 503.
+    # Admission control: requests in flight past which new ones get 503, counted from arrival
+    # (fetching and decoding media, rendering, queued, running) to the end of the response.
     max_pending_requests: int = 4096
+    # Bytes of decoded media and pixels that requests in flight may hold (both processes), in
+    # GiB; past it, new requests with media get 503 + Retry-After before anything is fetched.
+    # None: a quarter of the machine's memory (the cgroup limit in a container).
+    max_media_memory_gb: float | None = None
     # Most media items per request. Bounded by default: every item is fetched and decoded
     # before the prompt's length is known, so an unbounded count is a memory attack.
     limit_mm_per_prompt: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_MM_LIMITS))
@@ -77,6 +82,21 @@ class ServerConfig:
     # balancer (Kubernetes endpoints) stops routing here before the listener closes; then
     # stop accepting and finish the requests in flight. 0: stop accepting at once.
     drain_seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.max_pending_requests < 1:
+            raise ValueError(f"max_pending_requests must be at least 1, got {self.max_pending_requests}")
+        if self.max_media_memory_gb is not None and not self.max_media_memory_gb > 0:
+            raise ValueError(f"max_media_memory_gb (--max-media-memory-gb) must be greater than 0, "
+                             f"got {self.max_media_memory_gb}")
+
+    def media_memory_bytes(self) -> int:
+        """The media memory budget in bytes (`max_media_memory_gb`, else the machine's default)."""
+        from vlmserve.multimodal.budget import GiB, default_media_memory_bytes
+
+        if self.max_media_memory_gb is None:
+            return default_media_memory_bytes()
+        return max(1, int(self.max_media_memory_gb * GiB))
 
 
 @dataclass(frozen=True)

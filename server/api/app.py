@@ -1,7 +1,8 @@
 """`create_app`: the FastAPI app over an engine.
 
 Middleware order (outermost first): API key, body size limit, then FastAPI. Both act
-before the body is parsed. Engine, config, media loader and the token renderer live on
+before the body is parsed. Engine, config, media loader, the token renderer and the `Intake` (in-flight
+count and media memory budget, `server/api/intake.py`) live on
 `app.state` and reach the routes through the `Annotated` aliases of `server/api/deps.py`.
 """
 
@@ -12,11 +13,13 @@ import time
 from fastapi import FastAPI
 
 from vlmserve.api.errors import install_exception_handlers
+from vlmserve.api.intake import Intake
 from vlmserve.api.logprobs import TokenRenderer
 from vlmserve.api.middleware import ApiKeyMiddleware, BodySizeLimitMiddleware
 from vlmserve.api.routes import chat, completions, health, models, ops
 from vlmserve.config import ServerConfig
 from vlmserve.engine.client import EngineClient
+from vlmserve.multimodal.budget import MediaBudget
 from vlmserve.multimodal.media import MediaLoader
 
 
@@ -27,6 +30,10 @@ def create_app(engine: EngineClient, config: ServerConfig, media: MediaLoader | 
     app.state.config = config
     app.state.media = media if media is not None else MediaLoader()
     app.state.token_renderer = TokenRenderer(getattr(engine, "tokenizer", None))
+    app.state.intake = Intake(
+        config.max_pending_requests, MediaBudget(config.media_memory_bytes()),
+        separate_core_process=bool(getattr(engine, "core_in_other_process", False)), model_name=engine.model_name,
+    )
     app.state.started_at = int(time.time())
 
     for module in (chat, completions, models, health, ops):

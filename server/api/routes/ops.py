@@ -8,7 +8,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from vlmserve.api.deps import EngineDep
+from vlmserve.api.deps import EngineDep, IntakeDep
 
 router = APIRouter()
 
@@ -20,13 +20,15 @@ async def ready(engine: EngineDep) -> JSONResponse:
 
 
 @router.get("/metrics", response_model=None)
-async def metrics(engine: EngineDep) -> Response:
+async def metrics(engine: EngineDep, intake: IntakeDep) -> Response:
     registry = getattr(getattr(engine, "metrics", None), "registry", None)
     body = generate_latest(registry) if registry is not None else b""
+    # The API process's own gauges (in-flight count, media memory): their names are distinct.
+    body += generate_latest(intake.registry)
     return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/v1/load", response_model=None)
-async def load(engine: EngineDep) -> JSONResponse:
+async def load(engine: EngineDep, intake: IntakeDep) -> JSONResponse:
     snapshot = getattr(engine, "snapshot", None)
-    return JSONResponse(snapshot() if snapshot is not None else {})
+    return JSONResponse({**(snapshot() if snapshot is not None else {}), **intake.snapshot()})
