@@ -20,7 +20,7 @@ from vlmserve.api.routes import chat, completions, health, models, ops
 from vlmserve.config import ServerConfig
 from vlmserve.engine.client import EngineClient
 from vlmserve.multimodal.budget import MediaBudget
-from vlmserve.multimodal.media import MediaLoader
+from vlmserve.multimodal.media import MediaConfig, MediaLoader
 
 
 def create_app(engine: EngineClient, config: ServerConfig, media: MediaLoader | None = None) -> FastAPI:
@@ -30,8 +30,10 @@ def create_app(engine: EngineClient, config: ServerConfig, media: MediaLoader | 
     app.state.config = config
     app.state.media = media if media is not None else MediaLoader()
     app.state.token_renderer = TokenRenderer(getattr(engine, "tokenizer", None))
+    media_config = getattr(app.state.media, "config", None) or MediaConfig()
     app.state.intake = Intake(
         config.max_pending_requests, MediaBudget(config.media_memory_bytes()),
+        {"image": media_config.max_media_bytes, "video": media_config.max_video_bytes},
         separate_core_process=bool(getattr(engine, "core_in_other_process", False)), model_name=engine.model_name,
     )
     app.state.started_at = int(time.time())

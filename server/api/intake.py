@@ -11,9 +11,12 @@ parsed until its response ends (finished, failed, aborted, client gone).
         return SSEResponse(..., on_close=ticket.detach())   # a stream releases when it closes
 
 What a request holds, in bytes (see `vlmserve.multimodal.budget` for reserve vs settle):
-- per media item, from arrival: its known raw size (a data: URL's payload; 1 byte for a URL,
-  whose size is reserved by the fetch from Content-Length or the byte cap); then the decoded
-  image or frames (reserved from the header before decoding);
+- per media item, from arrival: what its raw bytes may take: a data: URL's decoded payload
+  size (exact), the byte cap of its kind for a URL (`--max-media-bytes`, `--max-video-bytes`).
+  When a request's caps together exceed the whole budget, its URL items' shares are scaled
+  down to fit it (admitted once the budget is free enough; retrying can help, so no 413).
+  The fetch then reserves the real size (Content-Length) under the same key, usually a
+  shrink; then the decoded image or frames (reserved from the header before decoding);
 - after rendering: the pixel arrays of its `MultiModalItem`s, counted once in this process
   and once per engine request in the engine core's process (n of them; its own copies come
   through the pipe), until the response ends. That is later than the engine frees them
@@ -115,10 +118,12 @@ class Ticket:
 
 
 class Intake:
-    def __init__(self, max_pending: int, budget: MediaBudget, *, separate_core_process: bool = False,
-                 model_name: str = "") -> None:
+    def __init__(self, max_pending: int, budget: MediaBudget, byte_caps: dict[str, int], *,
+                 separate_core_process: bool = False, model_name: str = "") -> None:
+        """`byte_caps`: the raw byte cap of one item per kind ("image", "video")."""
         self.max_pending = max_pending
         self.budget = budget
+        self.byte_caps = byte_caps
         self.separate_core_process = separate_core_process
         self.model_name = model_name
         self._in_flight = 0
@@ -130,10 +135,10 @@ class Intake:
         """Engine requests (n per API request) of the requests between arrival and response end."""
         return self._in_flight
 
-    def admit(self, weight: int, media_urls: list[str]) -> Ticket:
+    def admit(self, weight: int, media: list[tuple[str, str]]) -> Ticket:
         """Raises APIError before anything is fetched: 503 past `--max-pending-requests` or with
-        the media memory budget full, 413 for media that can never fit. `media_urls` in
-        prompt order; the i-th is loaded under the hold key str(i)."""
+        the media memory budget full, 413 for media that can never fit. `media`: (kind, url)
+        in prompt order; the i-th is loaded under the hold key str(i)."""
         if self._in_flight >= self.max_pending:
             raise APIError(
                 f"the server is at capacity ({self._in_flight} requests in flight, --max-pending-requests "
@@ -143,14 +148,21 @@ class Intake:
         copies = 1 + (weight if self.separate_core_process else 0)
         ticket = Ticket(self, weight, self.budget.hold(), copies)
         try:
-            for i, url in enumerate(media_urls):
+            for i, share in enumerate(self._arrival_shares(media)):
                 ticket.track(str(i))
-                ticket.hold.reserve(f"{i}:raw", _known_raw_bytes(url))
+                ticket.hold.reserve(f"{i}:raw", share)
         except MediaMemoryExceeded as e:
             ticket.hold.release()
             raise media_memory_error(e) from None
         self._in_flight += weight
         return ticket
+
+    def _arrival_shares(self, media: list[tuple[str, str]]) -> list[int]:
+        exact = [_data_url_bytes(url) for _, url in media]
+        caps = [self.byte_caps.get(kind, 1) if n is None else 0 for (kind, _), n in zip(media, exact)]
+        room = self.budget.limit - sum(n or 0 for n in exact)
+        scale = min(1.0, max(room, 0) / sum(caps)) if sum(caps) else 1.0
+        return [max(1, n if n is not None else int(cap * scale)) for n, cap in zip(exact, caps)]
 
     def snapshot(self) -> dict[str, float]:
         return {
@@ -160,13 +172,13 @@ class Intake:
         }
 
 
-def _known_raw_bytes(url: str) -> int:
-    """A data: URL's decoded size (3 bytes per 4 of base64); 1 for anything fetched, whose size
-    its fetch reserves: a seat, refused once the budget is full."""
-    if url[:5].lower() == "data:":
-        comma = url.find(",")
-        return max(1, (len(url) - comma - 1) // 4 * 3) if comma > 0 else 1
-    return 1
+def _data_url_bytes(url: str) -> int | None:
+    """A data: URL's decoded size (3 bytes per 4 of base64, what its fetch reserves); None for
+    a URL that is fetched."""
+    if url[:5].lower() != "data:":
+        return None
+    comma = url.find(",")
+    return max(1, (len(url) - comma - 1) // 4 * 3) if comma > 0 else 1
 
 
 class _IntakeCollector:

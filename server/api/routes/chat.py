@@ -45,9 +45,13 @@ async def create_chat_completion(
     check_modalities(refs, getattr(engine, "modalities", ("image", "video")), engine.model_name)
     check_media_limits(refs, config.limit_mm_per_prompt)
     # Counted and accounted from here (before any fetch) until the response ends.
-    with intake.admit(body.n or 1, [r.url for r in refs]) as ticket:
-        images, videos = await load_media(refs, media, ticket.hold)
+    with intake.admit(body.n or 1, [(r.kind, r.url) for r in refs]) as ticket:
+        # A client that leaves while its media load (a slow URL: up to --image-timeout-s) stops it.
+        loaded = await run_unless_disconnected(request, load_media(refs, media, ticket.hold))
         ticket.media_loaded()
+        if isinstance(loaded, Response):
+            return loaded
+        images, videos = loaded
         # `videos` is passed only when present, so engines of image-only families need no video argument.
         extra = {"videos": videos} if videos else {}
         prompt = await render_prompt(
