@@ -90,13 +90,16 @@ class ServerConfig:
             raise ValueError(f"max_media_memory_gb (--max-media-memory-gb) must be greater than 0, "
                              f"got {self.max_media_memory_gb}")
 
-    def media_memory_bytes(self) -> int:
-        """The media memory budget in bytes (`max_media_memory_gb`, else the machine's default)."""
-        from vlmserve.multimodal.budget import GiB, default_media_memory_bytes
+    def media_memory_budget(self) -> tuple[int, str]:
+        """The media memory budget in bytes (`max_media_memory_gb`, else the machine's default)
+        and how it was set, for messages."""
+        from vlmserve.multimodal.budget import DEFAULT_MEMORY_FRACTION, GiB, default_media_memory_bytes
 
         if self.max_media_memory_gb is None:
-            return default_media_memory_bytes()
-        return max(1, int(self.max_media_memory_gb * GiB))
+            n = default_media_memory_bytes()
+            return n, (f"--max-media-memory-gb unset: {n / GiB:.2f} GiB, {DEFAULT_MEMORY_FRACTION:.0%} of this "
+                       "machine's memory")
+        return max(1, int(self.max_media_memory_gb * GiB)), f"--max-media-memory-gb {self.max_media_memory_gb:g}"
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ def create_app(engine: EngineClient, config: ServerConfig, media: MediaLoader | 
     app.state.token_renderer = TokenRenderer(getattr(engine, "tokenizer", None))
     media_config = getattr(app.state.media, "config", None) or MediaConfig()
     app.state.intake = Intake(
-        config.max_pending_requests, MediaBudget(config.media_memory_bytes()),
+        config.max_pending_requests, MediaBudget(*config.media_memory_budget()),
         {"image": media_config.max_media_bytes, "video": media_config.max_video_bytes},
         separate_core_process=bool(getattr(engine, "core_in_other_process", False)), model_name=engine.model_name,
     )

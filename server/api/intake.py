@@ -45,16 +45,16 @@ def _mib(n: int) -> str:
 
 def media_memory_error(e: MediaMemoryExceeded) -> APIError:
     """503 + Retry-After while the budget is full; 413 when this request alone is larger."""
-    flag = f"--max-media-memory-gb {e.limit / GiB:g}"
+    setting = e.setting or f"--max-media-memory-gb {e.limit / GiB:g}"
     if e.never_fits:
         return APIError(
             f"this request's media need more than the server's whole media memory budget ({_mib(e.limit)}, "
-            f"{flag}); send fewer or smaller images, or raise {flag.split()[0]}",
+            f"{setting}); send fewer or smaller images, or raise --max-media-memory-gb",
             413, param="messages", code="media_memory_exceeded",
         )
     return APIError(
         f"the server's media memory budget is full ({_mib(e.held)} of {_mib(e.limit)} held by requests in "
-        f"flight, {flag}); retry after a short wait",
+        f"flight, {setting}); retry after a short wait",
         503, code="media_memory_full", type="server_error", headers={"Retry-After": RETRY_AFTER_S},
     )
 

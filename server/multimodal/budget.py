@@ -52,16 +52,19 @@ class MediaMemoryExceeded(Exception):
     """A reservation that does not fit. `never_fits`: the request alone needs more than the
     whole budget (a 413, not a 503: retrying cannot help)."""
 
-    def __init__(self, wanted: int, held: int, limit: int, never_fits: bool) -> None:
+    def __init__(self, wanted: int, held: int, limit: int, never_fits: bool, setting: str = "") -> None:
         super().__init__(f"media memory: {wanted} more bytes wanted, {held} of {limit} held")
         self.wanted, self.held, self.limit, self.never_fits = wanted, held, limit, never_fits
+        self.setting = setting  # how the limit was set, for messages
 
 
 class MediaBudget:
-    def __init__(self, limit_bytes: int) -> None:
+    def __init__(self, limit_bytes: int, setting: str = "") -> None:
+        """`setting`: how the limit was set, quoted in refusals (e.g. "--max-media-memory-gb 2")."""
         if limit_bytes < 1:
             raise ValueError(f"the media memory budget must be at least 1 byte, got {limit_bytes}")
         self.limit = int(limit_bytes)
+        self.setting = setting
         self._held = 0
         self._lock = threading.Lock()
 
@@ -82,7 +85,7 @@ class MediaBudget:
             growth = nbytes - hold._keys.get(key, 0)
             if checked and growth > 0 and self._held + growth > self.limit:
                 raise MediaMemoryExceeded(growth, self._held, self.limit,
-                                          never_fits=hold._total + growth > self.limit)
+                                          never_fits=hold._total + growth > self.limit, setting=self.setting)
             self._held += growth
             hold._total += growth
             if nbytes:

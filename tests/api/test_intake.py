@@ -18,7 +18,7 @@ from tests.api.media_server import GatedMediaServer, noise_png
 
 @pytest.fixture
 def media_server():
-    with GatedMediaServer(noise_png(32, seed=1)) as s:
+    with GatedMediaServer(noise_png(16, seed=1)) as s:
         yield s
 
 
@@ -63,8 +63,8 @@ async def test_requests_fetching_media_count_toward_max_pending_requests(engine,
 async def test_past_the_media_budget_new_media_requests_get_503_before_any_fetch(engine, media_server):
     cap = 4096  # --max-media-bytes: what a URL reserves at arrival
     image = len(media_server.image)
-    assert image < cap
-    # Room for two URLs' caps, not three.
+    # Room for two URLs' caps, not three; and for both requests' raw + decoded bytes at once.
+    assert 2 * (image + 16 * 16 * 3) < 2.5 * cap
     limit_gb = 2.5 * cap / GiB
     loader = MediaLoader(MediaConfig(allow_private_networks=True, image_timeout_s=30, cache_bytes=0,
                                      max_media_bytes=cap))
