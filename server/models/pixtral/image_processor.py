@@ -14,7 +14,14 @@ They differ in the details, so each format matches its own reference exactly:
   repeated), reproduced here with numpy as two separable matmuls; then x / 255, - mean, / std.
 
 Images with transparency are composited over white first (both references do).
-Output: float32 [3, rows * P, cols * P] and the grid (rows, cols).
+
+What crosses to the engine ("hf"): the resized uint8 pixels [rows * P, cols * P, 3] and the
+float32 [3, 256] table of the normalisation (`lut`); the model normalises and patchifies them
+on its device (`kernels.normalize_patchify`, layout "patches"): bit-identical to
+transformers' float32 output, a quarter of its bytes. `preprocess` gives the float32
+[3, rows * P, cols * P] on the CPU (the reference's output, for tests and transformers).
+"mistral": the float32 [3, rows * P, cols * P] itself (OpenCV's float cubic resize is not
+uint8; see `mistral_format.py`).
 """
 
 from __future__ import annotations
@@ -145,17 +152,35 @@ class PixtralImageProcessor:
         rows, cols = self.patch_grid(height, width)
         return rows * (cols + 1)
 
-    def preprocess(self, image: Image.Image) -> tuple[torch.Tensor, tuple[int, int]]:
-        """Any PIL image → (pixel_values float32 [3, rows * P, cols * P], (rows, cols))."""
+    @property
+    def lut(self) -> np.ndarray:
+        """float32 [3, 256], read-only: pixel level v of channel c normalises to lut[c, v]."""
+        return self._lut
+
+    def resize(self, image: Image.Image) -> tuple[np.ndarray, tuple[int, int]]:
+        """"hf" mode: any PIL image → (uint8 [rows * P, cols * P, 3] resized, (rows, cols))."""
+        if self.mode != "hf":
+            raise ValueError("resize() is the hf mode's; the mistral mode resizes in float (preprocess)")
         image = to_rgb(image)
         rows, cols = self.patch_grid(image.height, image.width)
         h, w = rows * self.patch_size, cols * self.patch_size
+        return np.asarray(image.resize((w, h), resample=self.resample)), (rows, cols)
+
+    def normalize(self, pixels: np.ndarray) -> torch.Tensor:
+        """uint8 [h, w, 3] → float32 [3, h, w] through the table (what the model computes)."""
+        x = np.empty((3, *pixels.shape[:2]), dtype=np.float32)
+        for ch in range(3):
+            np.take(self._lut[ch], pixels[..., ch], out=x[ch])
+        return torch.from_numpy(x)
+
+    def preprocess(self, image: Image.Image) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Any PIL image → (pixel_values float32 [3, rows * P, cols * P], (rows, cols))."""
         if self.mode == "hf":
-            pixels = np.asarray(image.resize((w, h), resample=self.resample))  # uint8 [h, w, 3]
-            x = np.empty((3, h, w), dtype=np.float32)
-            for ch in range(3):
-                np.take(self._lut[ch], pixels[..., ch], out=x[ch])
-            return torch.from_numpy(x), (rows, cols)
+            pixels, grid = self.resize(image)
+            return self.normalize(pixels), grid
+        image = to_rgb(image)
+        rows, cols = self.patch_grid(image.height, image.width)
+        h, w = rows * self.patch_size, cols * self.patch_size
         src = np.asarray(image, dtype=np.float32)  # [H, W, 3]
         ys = cubic_resize_matrix(src.shape[0], h).astype(np.float32)  # [h, H]
         xs = cubic_resize_matrix(src.shape[1], w).astype(np.float32)  # [w, W]
@@ -167,11 +192,13 @@ class PixtralImageProcessor:
         return torch.from_numpy((resized / np.float32(255.0) - mean) / std), (rows, cols)
 
     def content_hash(self, pixel_values: torch.Tensor | np.ndarray) -> str:
-        """sha256 (hex) of the preprocessed float32 [3, H, W] pixels (what the encoder sees) and
-        every setting: equal hashes mean equal encoder inputs."""
-        x = np.ascontiguousarray(np.asarray(pixel_values, dtype=np.float32))
+        """sha256 (hex) of what the encoder is given (uint8 [h, w, 3] resized pixels, or the
+        preprocessed float32 [3, h, w]) and every setting: equal hashes mean equal encoder inputs."""
+        x = np.ascontiguousarray(np.asarray(pixel_values))
+        if x.dtype != np.uint8:
+            x = x.astype(np.float32, copy=False)
         h = hashlib.sha256(b"pixtral-image")
-        h.update(repr(x.shape).encode())
+        h.update(repr((x.dtype.str, x.shape)).encode())
         h.update(self.settings_key().encode())
         h.update(x.tobytes())
         return h.hexdigest()

@@ -34,6 +34,21 @@ def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
+def pixtral_pixel_values(item: MultiModalItem) -> torch.Tensor:
+    """float32 [3, rows * P, cols * P]: an item's normalised pixels on the CPU, as
+    `embed_multimodal` computes them on its device (before patchifying). For the HF format,
+    bit-identical to transformers' `PixtralImageProcessor` output for the image."""
+    data = item.data
+    if "pixel_values" in data:
+        return torch.as_tensor(data["pixel_values"])
+    lut = np.asarray(data["lut"])
+    pixels = np.asarray(data["pixels"])
+    x = np.empty((3, *pixels.shape[:2]), dtype=np.float32)
+    for ch in range(3):
+        np.take(lut[ch], pixels[..., ch], out=x[ch])
+    return torch.from_numpy(x)
+
+
 def image_layout(rows: int, cols: int, img: int, img_break: int, img_end: int) -> list[int]:
     """Token ids of one image's range: ([IMG] * cols + [IMG_BREAK]) * rows, last one [IMG_END]."""
     ids = ([img] * cols + [img_break]) * rows
@@ -179,21 +194,28 @@ class PixtralProcessor:
         cursor = 0
         for placeholder, image in zip(placeholders, images):
             prompt_ids.extend(ids[cursor:placeholder])
-            pixel_values, (rows, cols) = self.image_processor.preprocess(image)
+            pixels, (rows, cols) = self.image_processor.resize(image)
             layout = image_layout(rows, cols, *self._special_ids)
-            items.append(self._item(len(prompt_ids), layout, pixel_values, (rows, cols)))
+            items.append(self._item(len(prompt_ids), layout, pixels, (rows, cols)))
             prompt_ids.extend(layout)
             cursor = placeholder + 1
         prompt_ids.extend(ids[cursor:])
         return ProcessedPrompt(prompt_token_ids=prompt_ids, mm_items=items, prompt_text=text)
 
-    def _item(self, offset: int, layout: list[int], pixel_values: torch.Tensor, grid: tuple[int, int]) -> MultiModalItem:
+    def _item(self, offset: int, layout: list[int], pixels: torch.Tensor | np.ndarray,
+              grid: tuple[int, int]) -> MultiModalItem:
+        """HF format: `pixels` uint8 [rows * P, cols * P, 3], shipped with the table (`lut`);
+        Mistral format: float32 [3, rows * P, cols * P] `pixel_values`."""
+        if isinstance(pixels, np.ndarray) and pixels.dtype == np.uint8:
+            data = {"pixels": pixels, "patch_grid": grid, "lut": self.image_processor.lut}
+        else:
+            data = {"pixel_values": pixels, "patch_grid": grid}
         return MultiModalItem(
             modality="image",
-            content_hash=self.image_processor.content_hash(pixel_values),
+            content_hash=self.image_processor.content_hash(pixels),
             offset=offset,
             length=len(layout),
-            data={"pixel_values": pixel_values, "patch_grid": grid},
+            data=data,
             is_embed=np.asarray(layout) == self.image_token_id,
         )
 

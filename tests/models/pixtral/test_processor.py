@@ -79,7 +79,7 @@ def test_hf_prompt_is_the_template_with_each_image_expanded_to_its_patch_grid(ti
         span = ids[item.offset : item.offset + item.length]
         assert item.length == rows * (cols + 1) and span[-1] == IMG_END
         assert np.array_equal(item.is_embed, span == IMG) and item.num_embeds == rows * cols
-        assert item.data["pixel_values"].shape == (3, rows * 16, cols * 16)
+        assert item.data["pixels"].shape == (rows * 16, cols * 16, 3) and item.data["pixels"].dtype == np.uint8
         covered[item.offset : item.offset + item.length] = True
     assert np.array_equal(covered, np.isin(ids, [IMG, IMG_BREAK, IMG_END]))
 
@@ -173,3 +173,34 @@ def test_completion_prompts_get_one_bos_in_both_formats(hf_processor, mistral_pr
     assert hf.prompt_token_ids.count(1) == 1
     assert hf_processor.eos_token_ids == mistral_processor.eos_token_ids == [2]
     assert hf_processor.generation_defaults() == {"temperature": 0.0}
+
+
+@pytest.mark.parametrize("size", [(40, 56), (333, 517), (5, 7)])
+def test_hf_items_cross_as_uint8_and_normalise_to_transformers_bit_for_bit(tiny_hf: Path, hf_processor, size):
+    import pickle
+
+    import torch
+
+    from vlmserve.kernels import reference
+    from vlmserve.kernels.normalize_patchify import normalize_patchify
+    from vlmserve.models.layers.pixels import uint8_tensor
+    from vlmserve.models.pixtral.processor import pixtral_pixel_values
+    from vlmserve.models.pixtral.vision import patchify
+
+    image = random_image(*size, seed=7 + sum(size))
+    expected = PixtralImageProcessorPil.from_pretrained(tiny_hf)(images=[image], return_tensors="np")["pixel_values"][0]
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]}]
+    (item,) = hf_processor.render_chat(conversation, [image]).mm_items
+    item = pickle.loads(pickle.dumps(item))  # what the engine core receives through its pipe
+    assert "pixel_values" not in item.data
+    pixels = item.data["pixels"]
+    assert pixels.dtype == np.uint8 and pixels.shape == (*expected.shape[1:], 3)
+    assert torch.equal(pixtral_pixel_values(item), torch.from_numpy(expected))
+    # What embed_multimodal computes beside the tower: the reference (CPU) and the Triton kernel
+    # (the interpreter here, compiled on a GPU) give transformers' patches exactly.
+    want = patchify(torch.from_numpy(expected), 16)
+    lut = torch.from_numpy(item.data["lut"].copy())
+    assert torch.equal(reference.normalize_patchify(uint8_tensor(pixels), lut, 16, 1, 1, "patches"), want)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    got = normalize_patchify(uint8_tensor(pixels).to(device), lut.to(device), 16, 1, 1, "patches")
+    assert torch.equal(got.cpu(), want)
