@@ -27,6 +27,7 @@ from vlmserve.models.layers.pixels import DeviceLuts, uint8_tensor
 from vlmserve.models.layers.rotary import rope_cos_sin, scaled_rope_inv_freq
 from vlmserve.models.layers.weights import IGNORED_SUFFIXES, WeightLoadTracker
 from vlmserve.models.pixtral.config import PixtralModelConfig
+from vlmserve.models.pixtral.image_processor import mistral_resize_normalize
 from vlmserve.models.pixtral.mistral_format import is_mistral_weight_name, mistral_to_hf_weight
 from vlmserve.models.pixtral.vision import LlavaMultiModalProjector, PixtralVisionModel, patchify
 from vlmserve.multimodal.inputs import MultiModalItem
@@ -79,7 +80,9 @@ class PixtralForConditionalGeneration(nn.Module):
         HF-format items carry resized uint8 pixels [rows * P, cols * P, 3] and their table
         (`lut`): uploaded as bytes, normalised and patchified here by
         `kernels.normalize_patchify` (layout "patches", Triton on CUDA) straight into the
-        tower's dtype. Mistral-format items carry float32 `pixel_values` [3, rows * P, cols * P]."""
+        tower's dtype. Mistral-format items carry the uint8 source, resized and normalised here
+        (`mistral_resize_normalize`), or, for sources larger than that result, float32
+        `pixel_values` [3, rows * P, cols * P]."""
         if not items:
             return []
         p = self.config.vision.patch_size
@@ -87,10 +90,11 @@ class PixtralForConditionalGeneration(nn.Module):
         patches, grids = [], []
         for item in items:
             data, what = item.data, f"image item {item.content_hash[:16]}"
-            if "patch_grid" not in data or not ({"pixels", "lut"} <= set(data) or "pixel_values" in data):
+            forms = ({"pixels", "lut"}, {"source_pixels", "patch_size", "mistral_norm"}, {"pixel_values"})
+            if "patch_grid" not in data or not any(f <= set(data) for f in forms):
                 raise ValueError(
-                    f"{what}: data must hold 'patch_grid' and 'pixels' + 'lut' (or 'pixel_values'), the Pixtral "
-                    f"processor's output; got keys {sorted(data)}"
+                    f"{what}: data must hold 'patch_grid' and 'pixels' + 'lut' (or 'source_pixels' + 'patch_size' + "
+                    f"'mistral_norm', or 'pixel_values'), the Pixtral processor's output; got keys {sorted(data)}"
                 )
             rows, cols = (int(g) for g in data["patch_grid"])
             if item.num_embeds != rows * cols:
@@ -106,6 +110,14 @@ class PixtralForConditionalGeneration(nn.Module):
                 lut = self._luts.get(data["lut"], w.device)
                 patches.append(kernels.normalize_patchify(uint8_tensor(pixels).to(w.device), lut, p, 1, 1,
                                                           "patches", w.dtype))
+            elif "source_pixels" in data:  # Mistral format: OpenCV's float resize, here on the device
+                src = np.asarray(data["source_pixels"])
+                if src.dtype != np.uint8 or src.ndim != 3 or src.shape[2] != 3 or int(data["patch_size"]) != p:
+                    raise ValueError(f"{what}: source_pixels must be uint8 [H, W, 3] for patch size {p}, got "
+                                     f"{src.dtype} {list(src.shape)} for patch size {data['patch_size']}")
+                mean, std = data["mistral_norm"]
+                pv = mistral_resize_normalize(uint8_tensor(src).to(w.device), rows * p, cols * p, mean, std)
+                patches.append(patchify(pv.to(w.dtype), p))
             else:
                 pv = torch.as_tensor(data["pixel_values"])
                 if pv.shape != (self.config.vision.num_channels, rows * p, cols * p):

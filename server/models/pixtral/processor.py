@@ -25,7 +25,8 @@ import torch
 from PIL import Image
 
 from vlmserve.models.pixtral import mistral_format
-from vlmserve.models.pixtral.image_processor import PixtralImageProcessor
+from vlmserve.models.layers.pixels import uint8_tensor
+from vlmserve.models.pixtral.image_processor import PixtralImageProcessor, mistral_resize_normalize
 from vlmserve.models.tokenizer import encode_prompt, load_tokenizer, render_chat
 from vlmserve.multimodal.inputs import MultiModalItem, ProcessedPrompt
 
@@ -41,6 +42,10 @@ def pixtral_pixel_values(item: MultiModalItem) -> torch.Tensor:
     data = item.data
     if "pixel_values" in data:
         return torch.as_tensor(data["pixel_values"])
+    if "source_pixels" in data:
+        rows, cols = data["patch_grid"]
+        p, (mean, std) = data["patch_size"], data["mistral_norm"]
+        return mistral_resize_normalize(uint8_tensor(np.asarray(data["source_pixels"])), rows * p, cols * p, mean, std)
     lut = np.asarray(data["lut"])
     pixels = np.asarray(data["pixels"])
     x = np.empty((3, *pixels.shape[:2]), dtype=np.float32)
@@ -178,7 +183,7 @@ class PixtralProcessor:
             if chat_template_kwargs:
                 raise ValueError("chat_template_kwargs do not apply to Mistral-format checkpoints (no chat template)")
             ids, arrays = mistral_format.encode_chat(self._mistral, conversation, images, add_generation_prompt)
-            items = self._items_from_layout(ids, [torch.from_numpy(np.asarray(a)) for a in arrays])
+            items = self._items_from_layout(ids, [np.asarray(a) for a in arrays])
             return ProcessedPrompt(prompt_token_ids=ids, mm_items=items, prompt_text=None)
 
         text = render_chat(self.tokenizer, conversation, add_generation_prompt, chat_template_kwargs)
@@ -202,14 +207,18 @@ class PixtralProcessor:
         prompt_ids.extend(ids[cursor:])
         return ProcessedPrompt(prompt_token_ids=prompt_ids, mm_items=items, prompt_text=text)
 
-    def _item(self, offset: int, layout: list[int], pixels: torch.Tensor | np.ndarray,
-              grid: tuple[int, int]) -> MultiModalItem:
-        """HF format: `pixels` uint8 [rows * P, cols * P, 3], shipped with the table (`lut`);
-        Mistral format: float32 [3, rows * P, cols * P] `pixel_values`."""
-        if isinstance(pixels, np.ndarray) and pixels.dtype == np.uint8:
-            data = {"pixels": pixels, "patch_grid": grid, "lut": self.image_processor.lut}
+    def _item(self, offset: int, layout: list[int], pixels: np.ndarray, grid: tuple[int, int]) -> MultiModalItem:
+        """HF format: `pixels` uint8 [rows * P, cols * P, 3], shipped with the table (`lut`).
+        Mistral format: the uint8 source `source_pixels` [H, W, 3] with the normalisation's
+        mean and std (`mistral_norm`), or float32 `pixel_values` [3, rows * P, cols * P]."""
+        ip = self.image_processor
+        if pixels.dtype != np.uint8:
+            data = {"pixel_values": torch.from_numpy(pixels), "patch_grid": grid}
+        elif self.mistral_format:
+            data = {"source_pixels": pixels, "patch_grid": grid, "patch_size": ip.patch_size,
+                    "mistral_norm": (ip.image_mean, ip.image_std)}
         else:
-            data = {"pixel_values": pixels, "patch_grid": grid}
+            data = {"pixels": pixels, "patch_grid": grid, "lut": ip.lut}
         return MultiModalItem(
             modality="image",
             content_hash=self.image_processor.content_hash(pixels),
@@ -219,14 +228,17 @@ class PixtralProcessor:
             is_embed=np.asarray(layout) == self.image_token_id,
         )
 
-    def _items_from_layout(self, ids: list[int], pixel_values: list[torch.Tensor]) -> list[MultiModalItem]:
+    def _items_from_layout(self, ids: list[int], arrays: list[np.ndarray]) -> list[MultiModalItem]:
         """Items of a prompt whose images are already laid out (mistral-common's output): the
         k-th image range starts at the k-th run of image tokens."""
         p = self.image_processor.patch_size
         items, cursor = [], 0
         image_ids = set(self._special_ids)
-        for pv in pixel_values:
-            grid = (pv.shape[1] // p, pv.shape[2] // p)
+        for pv in arrays:
+            if pv.dtype == np.uint8:  # the source [H, W, 3]
+                grid = self.image_processor.patch_grid(pv.shape[0], pv.shape[1])
+            else:  # the result [3, rows * P, cols * P]
+                grid = (pv.shape[1] // p, pv.shape[2] // p)
             layout = image_layout(*grid, *self._special_ids)
             while cursor < len(ids) and ids[cursor] not in image_ids:
                 cursor += 1
