@@ -11,6 +11,7 @@ parsed until its response ends (finished, failed, aborted, client gone).
         return SSEResponse(..., on_close=ticket.detach())   # a stream releases when it closes
 
 What a request holds, in bytes (see `vlmserve.multimodal.budget` for reserve vs settle):
+- the text of its data: URLs, in the parsed body until the response ends ("body");
 - per media item, from arrival: what its raw bytes may take: a data: URL's decoded payload
   size (exact), the byte cap of its kind for a URL (`--max-media-bytes`, `--max-video-bytes`).
   When a request's caps together exceed the whole budget, its URL items' shares are scaled
@@ -148,6 +149,7 @@ class Intake:
         copies = 1 + (weight if self.separate_core_process else 0)
         ticket = Ticket(self, weight, self.budget.hold(), copies)
         try:
+            ticket.hold.reserve("body", sum(len(url) for _, url in media if _data_url_bytes(url) is not None))
             for i, share in enumerate(self._arrival_shares(media)):
                 ticket.track(str(i))
                 ticket.hold.reserve(f"{i}:raw", share)
@@ -160,7 +162,8 @@ class Intake:
     def _arrival_shares(self, media: list[tuple[str, str]]) -> list[int]:
         exact = [_data_url_bytes(url) for _, url in media]
         caps = [self.byte_caps.get(kind, 1) if n is None else 0 for (kind, _), n in zip(media, exact)]
-        room = self.budget.limit - sum(n or 0 for n in exact)
+        text = sum(len(url) for (_, url), n in zip(media, exact) if n is not None)
+        room = self.budget.limit - text - sum(n or 0 for n in exact)
         scale = min(1.0, max(room, 0) / sum(caps)) if sum(caps) else 1.0
         return [max(1, n if n is not None else int(cap * scale)) for n, cap in zip(exact, caps)]
 

@@ -116,3 +116,35 @@ async def test_a_decode_past_the_budget_is_refused_from_the_header_and_releases(
         small = png_data_url(size=(64, 64))
         assert (await c.post("/v1/chat/completions", json=_chat(small))).status_code == 200
         assert (await c.get("/v1/load")).json()["media_memory_bytes"] == 0
+
+
+async def test_a_request_held_in_the_engine_holds_only_its_data_url_text_and_pixels(engine):
+    import numpy as np
+
+    from vlmserve.api.intake import Intake
+    from vlmserve.multimodal.budget import MediaBudget
+    from vlmserve.multimodal.inputs import MultiModalItem, ProcessedPrompt
+
+    url = png_data_url(size=(64, 48))
+    engine.block_after_steps = 1
+    async with _client(engine) as c:
+        held = asyncio.create_task(c.post("/v1/chat/completions", json=_chat(url)))
+        await engine.reached_block.wait()
+        # Fetched and decoded bytes are gone once rendered; the body's data: URL text stays.
+        assert (await c.get("/v1/load")).json()["media_memory_bytes"] == len(url)
+        engine.release.set()
+        assert (await held).status_code == 200
+        assert (await c.get("/v1/load")).json()["media_memory_bytes"] == 0
+
+    # Rendered pixels count once here and once per engine request in the core's own process.
+    intake = Intake(8, MediaBudget(10**6), {"image": 1000}, separate_core_process=True)
+    ticket = intake.admit(2, [("image", "http://example.com/a.png")])
+    assert intake.budget.held == 1000 and intake.in_flight == 2
+    pixels = np.zeros((10, 10, 3), dtype=np.uint8)
+    prompt = ProcessedPrompt([1, 2], [MultiModalItem("image", "h", 0, 1, {"pixels": pixels, "grid": (1, 1)})])
+    ticket.media_loaded()
+    ticket.rendered(prompt)
+    assert intake.budget.held == 300 * (1 + 2)
+    with ticket:
+        pass
+    assert intake.budget.held == 0 and intake.in_flight == 0
