@@ -292,6 +292,7 @@ def normalize_patchify(
     (channel, frame in the temporal patch, patch row, patch col). layout "patches":
     [grid_h * grid_w, 3 * P * P], rows row-major over the patch grid, columns (channel, patch
     row, patch col) — a Conv2d patch embedding's order; merge_size = temporal_patch_size = 1.
+    Frames [T, H, W, 3] in layout "patches" give each frame's rows in turn (NVLM-D's tiles).
     The lookup is exact: for a table built with a family's own arithmetic, the output is bit
     for bit that family's reference processor output."""
     grid_t, gh, gw = check_patchify_args(pixels, lut, patch_size, merge_size, temporal_patch_size, layout)

@@ -37,6 +37,8 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from vlmserve.config import EngineConfig
+from vlmserve.engine.builder import FrontendParts, build_core, build_frontend, resolve_device
+from vlmserve.models.loader import resolve_model_dir
 from vlmserve.engine.engine_core import EngineCore
 from vlmserve.engine.outputs import EngineCoreOutput
 
@@ -88,10 +90,17 @@ def run_step_loop(
     publish: Callable[[StepResult], None],
 ) -> None:
     """`next_inputs(block)` returns every pending input (waiting a while for one if `block`:
-    the core is idle), or None to stop. Exceptions of a step propagate: the engine is dead."""
+    the core is idle, or its last step could do nothing), or None to stop. Exceptions of a
+    step propagate: the engine is dead.
+
+    A step that did nothing (scheduled no token, preempted nothing, produced no output)
+    leaves the scheduler as it was: only an input (an abort, a new request) or the timeout
+    can change that, so the loop blocks on the inputs instead of spinning, and publishes
+    nothing for such a step."""
     num_steps = 0
+    stalled = False
     while True:
-        inputs = next_inputs(not core.has_unfinished_requests())
+        inputs = next_inputs(stalled or not core.has_unfinished_requests())
         if inputs is None:
             return
         rejected = []
@@ -104,11 +113,13 @@ def run_step_loop(
             else:
                 core.abort_requests(payload)
         outputs: list[EngineCoreOutput] = []
+        stalled = False
         if core.has_unfinished_requests():
             outputs = core.step()
             num_steps += 1
-        elif not inputs:
-            continue  # idle and nothing changed: send nothing
+            stalled = not outputs and not core.last_step_progressed
+        if not inputs and (stalled or not core.has_unfinished_requests() and not outputs):
+            continue  # idle or stalled, and nothing changed: send nothing
         publish(StepResult(outputs, rejected, core_stats(core, num_steps)))
 
 
@@ -200,6 +211,8 @@ class ProcessCoreClient:
         self._threads: list[threading.Thread] = []
         self._stopping = False
         self._dead = False
+        self._on_dead: Callable[[str], None] | None = None
+        self._dead_lock = threading.Lock()
 
     @property
     def pid(self) -> int | None:
@@ -225,6 +238,8 @@ class ProcessCoreClient:
             self._proc.join(5)
             raise EngineStartupError(f"the engine process failed to load the model: {payload}")
 
+        self._on_dead = on_dead
+
         def read() -> None:
             try:
                 while True:
@@ -232,13 +247,14 @@ class ProcessCoreClient:
                     if kind == "step":
                         on_step(payload)
                     else:  # "dead": the child logged the traceback
-                        self._dead = True
-                        on_dead(payload)
+                        self._die(payload)
                         return
             except (EOFError, OSError):
                 if not self._stopping:
-                    self._dead = True
-                    on_dead(f"the engine process died ({_describe_exit(self._proc)}); restart the server")
+                    self._die(f"the engine process died ({_describe_exit(self._proc)}); restart the server")
+            except BaseException as e:  # unpickling, memory, a failing callback: nothing more arrives
+                logger.exception("the engine pipe reader failed")
+                self._die(f"the engine pipe reader failed: {e!r}")
 
         self._threads = [threading.Thread(target=read, name="engine-core-reader", daemon=True),
                          threading.Thread(target=self._write, name="engine-core-writer", daemon=True)]
@@ -265,8 +281,28 @@ class ProcessCoreClient:
                     _send(self._down, ("shutdown", None))
             except OSError:  # the child is gone; the reader reports it
                 return
+            except BaseException as e:  # pickling, memory: these inputs never reach the child
+                logger.exception("the engine pipe writer failed")
+                self._die(f"the engine pipe writer failed: {e!r}")
+                return
             if stop:
                 return
+
+    def _die(self, message: str) -> None:
+        """Once, from whichever pipe thread fails first: the engine is dead to this process
+        (`is_alive` False, `on_dead` fails every request in flight). Closing the down pipe
+        tells the child to exit, so it also stops reading into a half-lost state."""
+        with self._dead_lock:
+            if self._dead:
+                return
+            self._dead = True
+        if not self._stopping:
+            try:
+                self._down.close()
+            except OSError:
+                pass
+        if self._on_dead is not None:
+            self._on_dead(message)
 
     def add_request(self, request: Any) -> None:
         self._outbox.put(("add", request))
@@ -306,8 +342,6 @@ def core_process_main(config: EngineConfig, model_dir: Path, down: Any, up: Any)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s [engine-core]: %(message)s")
     import torch
-
-    from vlmserve.engine.builder import build_core, resolve_device
 
     if resolve_device(config.device).type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # The model runs on these CPUs too: leave one core to the API process (HTTP, media,
@@ -358,3 +392,22 @@ def core_process_main(config: EngineConfig, model_dir: Path, down: Any, up: Any)
         except OSError:
             pass
         sys.exit(1)
+
+
+def build_core_client(config: EngineConfig) -> tuple[CoreClient, FrontendParts]:
+    """The server's engine, per `config.engine_mode`, not yet started. Process mode spawns the
+    engine-core process first: it imports torch and loads the weights while this process
+    builds the processor (then sends it the EOS ids, the one thing the core needs from it)."""
+    if config.engine_mode == "thread":
+        frontend = build_frontend(config)
+        parts = build_core(config, frontend.model_dir, lambda: frontend.processor.eos_token_ids)
+        return ThreadCoreClient(parts.core, parts.max_model_len, parts.num_kv_blocks), frontend
+    model_dir = resolve_model_dir(config.model)  # a hub download happens once, here
+    client = ProcessCoreClient(config, model_dir)
+    try:
+        frontend = build_frontend(config, model_dir)
+    except BaseException:
+        client.shutdown()
+        raise
+    client.send_init(frontend.processor.eos_token_ids)
+    return client, frontend

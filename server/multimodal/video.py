@@ -26,7 +26,7 @@ import av
 import numpy as np
 
 from vlmserve.multimodal.decode import check_pixels
-from vlmserve.multimodal.media import MediaConfig, MediaError, VideoFrames
+from vlmserve.multimodal.types import MediaConfig, MediaError, VideoFrames
 
 _CONTAINERS = "mov,mp4,matroska,webm,avi,mpegts,mpeg,flv,ogg"
 _OPEN_OPTIONS = {"format_whitelist": _CONTAINERS, "enable_drefs": "0"}
