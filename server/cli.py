@@ -62,7 +62,7 @@ ENGINE_FLAGS = (
 
 SERVER_FLAGS = (
     "host", "port", "served_model_name", "api_key", "max_request_body_bytes", "limit_mm_per_prompt",
-    "max_pending_requests", "drain_seconds", "target_queue_wait_s", "max_queue_wait_s", "max_waiting_requests",
+    "max_pending_requests", "max_media_memory_gb", "drain_seconds", "target_queue_wait_s", "max_queue_wait_s", "max_waiting_requests",
     "scale_webhook", "scale_webhook_cooldown_s", "scale_webhook_sustain_s", "engine_watchdog_s",
 )  # fmt: skip
 MEDIA_FLAGS = (
@@ -142,7 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (also $VLMSERVE_API_KEY)")
     s.add_argument("--max-request-body-bytes", type=int)
     s.add_argument("--max-pending-requests", type=int,
-                   help="requests in flight past which new ones get 503 + Retry-After (default 4096)")
+                   help="requests in flight (counted from arrival, media fetch included) past which new ones get "
+                        "503 + Retry-After (default 4096)")
+    s.add_argument("--max-media-memory-gb", type=float,
+                   help="GiB of decoded media and pixels that requests in flight may hold; past it, new requests "
+                        "with media get 503 + Retry-After before anything is fetched (default: a quarter of the "
+                        "machine's memory, or of the container's memory limit)")
     s.add_argument("--drain-seconds", type=float,
                    help="on SIGTERM, serve this long with /ready at 503 before closing the listener (default 0)")
     s.add_argument("--engine-mode", choices=["process", "thread"],

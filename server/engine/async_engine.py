@@ -23,7 +23,7 @@ from typing import Any, AsyncIterator, Callable
 from PIL import Image
 
 from vlmserve.engine.client import EngineDeadError, RequestRejected
-from vlmserve.engine.core_client import CoreClient, StepResult
+from vlmserve.engine.core_client import CoreClient, ProcessCoreClient, StepResult
 from vlmserve.engine.detokenizer import IncrementalDetokenizer, text_token_ids
 from vlmserve.engine.metrics import EngineMetrics
 from vlmserve.engine.outputs import EngineCoreOutput, RequestOutput
@@ -158,6 +158,11 @@ class AsyncEngine:
             snap["media_cache_hits"] = getattr(self.media_stats, "cache_hits", 0)
             snap["media_cache_misses"] = getattr(self.media_stats, "cache_misses", 0)
         return snap
+
+    @property
+    def core_in_other_process(self) -> bool:
+        """Whether requests (and their pixels) are copied into the engine core's own process."""
+        return isinstance(self.core, ProcessCoreClient)
 
     @property
     def num_unfinished(self) -> int:

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from vlmserve.api.deps import EngineDep
+from vlmserve.api.deps import EngineDep, IntakeDep
 
 router = APIRouter()
 
@@ -21,13 +21,15 @@ async def ready(engine: EngineDep) -> JSONResponse:
 
 
 @router.get("/metrics", response_model=None)
-async def metrics(engine: EngineDep, request: Request) -> Response:
+async def metrics(engine: EngineDep, intake: IntakeDep, request: Request) -> Response:
     registry = getattr(getattr(engine, "metrics", None), "registry", None)
     body = generate_latest(registry) if registry is not None else b""
     body += generate_latest(request.app.state.load_monitor.registry)
+    # The API process's own gauges (in-flight count, media memory): their names are distinct.
+    body += generate_latest(intake.registry)
     return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/v1/load", response_model=None)
-async def load(request: Request) -> JSONResponse:
-    return JSONResponse(request.app.state.load_monitor.load_report())
+async def load(request: Request, intake: IntakeDep) -> JSONResponse:
+    return JSONResponse({**request.app.state.load_monitor.load_report(), **intake.snapshot()})
