@@ -10,7 +10,10 @@ form), with no dependence on the GPU's division or FMA contraction.
 Layouts (see `reference.normalize_patchify`): "qwen2_vl" (merge-window row order, temporal
 patches of consecutive frames, a single image repeated over the temporal patch) and "patches"
 (row-major patches, (C, P, P) columns). "patches" is "qwen2_vl" with merge 1 and one frame, so
-one kernel serves both; Pixtral, CLIP or InternViT tile layouts become new row/column maps here.
+one kernel serves both. Pixtral feeds "patches" to its tower's patch embedding; Mllama runs
+"patches" over its whole tile canvas with the tower's patch size and permutes the patches into
+tiles (a 560 px tile as one "patch" would be a 940k-column row, too wide for one program).
+Other tile layouts (CLIP, InternViT) become new row/column maps here.
 """
 
 from __future__ import annotations

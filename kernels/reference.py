@@ -307,7 +307,7 @@ def normalize_patchify(
     u = pixels.reshape(grid_t, src_t, gh // m, m, p, gw // m, m, p, c).permute(0, 2, 5, 3, 6, 8, 1, 4, 7)
     idx = u.reshape(rows, c, src_t, p * p).to(torch.int32)
     idx += torch.arange(0, 256 * c, 256, dtype=torch.int32, device=pixels.device).view(1, c, 1, 1)
-    x = lut.reshape(-1).index_select(0, idx.view(-1)).view(rows, c, src_t, p * p)
+    x = lut.reshape(-1).index_select(0, idx.reshape(-1)).view(rows, c, src_t, p * p)
     out = torch.empty((rows, c, tp, p * p), dtype=out_dtype, device=pixels.device)
     out.copy_(x.expand(rows, c, tp, p * p))
     return out.view(rows, c * tp * p * p)

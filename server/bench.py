@@ -3,10 +3,15 @@
 Every request gets its own random image (no prefix or encoder cache can help) and a prompt
 of random words; all requests arrive at once; `ignore_eos` makes every request produce
 exactly `max_tokens` tokens. Prints requests/s, output tokens/s and time to first token.
+
+`sampling`: "greedy" (temperature 0), or "checkpoint": the checkpoint's generation_config
+defaults, as the API applies them to a request that sets none (Qwen2-VL's published ones:
+temperature 0.1, top_p 0.001, top_k 1, repetition_penalty 1.05), each request seeded.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -16,6 +21,8 @@ from vlmserve.config import EngineConfig
 from vlmserve.engine.llm import LLM
 from vlmserve.engine.sampling_params import SamplingParams
 
+SAMPLING_MODES = ("greedy", "checkpoint")
+_DEFAULTABLE = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 _WORDS = (
     "the a cat dog image photo shows what is in this picture describe colour red blue green small large "
     "left right top bottom person car tree sky house road water light dark"
@@ -39,6 +46,11 @@ def synthetic_requests(n: int, image_size: str, images_per_request: int, prompt_
     return out
 
 
+def params_summary(p: SamplingParams) -> str:
+    return (f"temperature={p.temperature} top_p={p.top_p} top_k={p.top_k} min_p={p.min_p} "
+            f"repetition_penalty={p.repetition_penalty}")
+
+
 def _pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
@@ -52,9 +64,16 @@ def run_offline_bench(
     prompt_words: int,
     max_tokens: int,
     seed: int,
+    sampling: str = "greedy",
 ) -> dict[str, float]:
+    if sampling not in SAMPLING_MODES:
+        raise ValueError(f"sampling must be one of {', '.join(SAMPLING_MODES)}, got {sampling!r}")
     llm = LLM(config)
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    if sampling == "greedy":
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    else:
+        defaults = {k: v for k, v in llm.processor.generation_defaults().items() if k in _DEFAULTABLE}
+        params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, seed=seed, **defaults)
     warm = synthetic_requests(2, image_size, images_per_request, prompt_words, seed + 10_000)
     llm.generate([llm.render_chat(c, i) for c, i in warm], params)
 
@@ -64,7 +83,9 @@ def run_offline_bench(
     t_pre = time.perf_counter() - t0
     steps0 = llm.runner.num_forward_passes
     t1 = time.perf_counter()
-    done = llm.generate(prompts, params)
+    # Each request its own seed (seed + i): seeded draws are per request, as in serving.
+    per_request = [params if params.seed is None else dataclasses.replace(params, seed=seed + i) for i in range(len(prompts))]
+    done = llm.generate(prompts, per_request)
     t_gen = time.perf_counter() - t1
     total = t_pre + t_gen
 
@@ -87,7 +108,7 @@ def run_offline_bench(
     }
     print(
         f"vlmserve bench: {num_requests} requests, {images_per_request} image(s) of {image_size}, "
-        f"{prompt_words} prompt words, {max_tokens} output tokens each"
+        f"{prompt_words} prompt words, {max_tokens} output tokens each, sampling {sampling}: {params_summary(params)}"
     )
     for key, value in stats.items():
         print(f"  {key:22s} {value:.2f}" if isinstance(value, float) else f"  {key:22s} {value}")

@@ -65,7 +65,8 @@ ENGINE_FLAGS = (
 
 SERVER_FLAGS = (
     "host", "port", "served_model_name", "api_key", "max_request_body_bytes", "limit_mm_per_prompt",
-    "max_pending_requests", "drain_seconds",
+    "max_pending_requests", "max_media_memory_gb", "drain_seconds", "target_queue_wait_s", "max_queue_wait_s", "max_waiting_requests",
+    "scale_webhook", "scale_webhook_cooldown_s", "scale_webhook_sustain_s", "engine_watchdog_s",
 )  # fmt: skip
 MEDIA_FLAGS = (
     "max_image_pixels", "max_media_bytes", "max_video_bytes", "image_timeout_s", "video_timeout_s",
@@ -102,7 +103,10 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> None:
     if args.format is not None and args.family != "pixtral":
         raise SystemExit("--format applies to --family pixtral only")
     extra = {"format": args.format} if args.format is not None else {}
-    out = make_tiny_model(args.family, Path(args.out), seed=args.seed, **extra)
+    out = make_tiny_model(
+        args.family, Path(args.out), seed=args.seed, vocab_size=args.vocab_size,
+        generation_config=args.generation_config, **extra,
+    )
     print(out)
 
 
@@ -118,6 +122,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         prompt_words=args.prompt_words,
         max_tokens=args.max_tokens,
         seed=args.bench_seed,
+        sampling=args.sampling,
     )
 
 
@@ -140,11 +145,30 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (also $VLMSERVE_API_KEY)")
     s.add_argument("--max-request-body-bytes", type=int)
     s.add_argument("--max-pending-requests", type=int,
-                   help="requests in flight past which new ones get 503 + Retry-After (default 4096)")
+                   help="requests in flight (counted from arrival, media fetch included) past which new ones get "
+                        "503 + Retry-After (default 4096)")
+    s.add_argument("--max-media-memory-gb", type=float,
+                   help="GiB of decoded media and pixels that requests in flight may hold; past it, new requests "
+                        "with media get 503 + Retry-After before anything is fetched (default: a quarter of the "
+                        "machine's memory, or of the container's memory limit)")
     s.add_argument("--drain-seconds", type=float,
                    help="on SIGTERM, serve this long with /ready at 503 before closing the listener (default 0)")
     s.add_argument("--engine-mode", choices=["process", "thread"],
                    help="run the engine step loop in its own process (default) or on a thread of this one")
+    a = serve.add_argument_group("autoscaling, admission control and health")
+    a.add_argument("--target-queue-wait-s", type=float,
+                   help="queue wait that desired_replicas and the scale webhook aim for (default 1)")
+    a.add_argument("--max-queue-wait-s", type=float,
+                   help="429 + Retry-After when the estimated queue wait exceeds this (default: no limit)")
+    a.add_argument("--max-waiting-requests", type=int,
+                   help="429 + Retry-After when this many requests already wait (default: no limit)")
+    a.add_argument("--scale-webhook", action="append", metavar="URL",
+                   help="POST a JSON event here on sustained overload and on recovery (repeatable)")
+    a.add_argument("--scale-webhook-cooldown-s", type=float, help="at most one overload event per this (default 30)")
+    a.add_argument("--scale-webhook-sustain-s", type=float,
+                   help="how long the wait must stay above (or back under) the target (default 3)")
+    a.add_argument("--engine-watchdog-s", type=float,
+                   help="with requests pending, a step loop silent this long is dead: /health 503 (default 60)")
     s.add_argument("--limit-mm-per-prompt", help="most media items per request (default image=32,video=2), e.g. image=64")
     m = serve.add_argument_group("media")
     m.add_argument("--max-image-pixels", type=int, help="refuse larger images (checked from the header)")
@@ -171,6 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="Pixtral only: the Hugging Face layout (default) or Mistral's (params.json, tekken.json)")
     tiny.add_argument("--out", required=True)
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--vocab-size", type=int, default=None,
+                      help="embedding / LM-head rows, e.g. 151936 (Qwen2-VL), 131072 (Pixtral), 128256 (Llama 3.2 "
+                           "Vision); default: the tiny tokenizer's size. The tokenizer is kept; extra rows are padding")
+    tiny.add_argument("--generation-config", choices=["published", "greedy"], default="published",
+                      help="generation_config.json: the family's published sampling defaults (default) or ids only")
     tiny.set_defaults(func=cmd_make_tiny_model)
 
     bench = sub.add_parser("bench", help="offline synthetic image+text throughput benchmark")
@@ -181,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--prompt-words", type=int, default=20)
     bench.add_argument("--max-tokens", type=int, default=64)
     bench.add_argument("--bench-seed", type=int, default=0)
+    bench.add_argument("--sampling", choices=["greedy", "checkpoint"], default="greedy",
+                       help="greedy, or the checkpoint's generation_config defaults (seeded requests)")
     bench.set_defaults(func=cmd_bench)
 
     pre = sub.add_parser("bench-preprocess", help="Qwen2-VL image preprocessing: ours vs transformers, images/s")

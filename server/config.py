@@ -79,8 +79,13 @@ class ServerConfig:
     served_model_name: str | None = None
     api_key: str | None = None
     max_request_body_bytes: int = 64 * 1024 * 1024
-    # Admission control: requests in flight (queued or running) past which new ones get 503.
+    # Admission control: requests in flight past which new ones get 503, counted from arrival
+    # (fetching and decoding media, rendering, queued, running) to the end of the response.
     max_pending_requests: int = 4096
+    # Bytes of decoded media and pixels that requests in flight may hold (both processes), in
+    # GiB; past it, new requests with media get 503 + Retry-After before anything is fetched.
+    # None: a quarter of the machine's memory (the cgroup limit in a container).
+    max_media_memory_gb: float | None = None
     # Most media items per request. Bounded by default: every item is fetched and decoded
     # before the prompt's length is known, so an unbounded count is a memory attack.
     limit_mm_per_prompt: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_MM_LIMITS))
@@ -89,6 +94,49 @@ class ServerConfig:
     # balancer (Kubernetes endpoints) stops routing here before the listener closes; then
     # stop accepting and finish the requests in flight. 0: stop accepting at once.
     drain_seconds: float = 0.0
+    # Autoscaling signals and admission control (server/autoscale/).
+    target_queue_wait_s: float = 1.0  # the wait desired_replicas and the webhook aim for
+    max_queue_wait_s: float | None = None  # 429 when the estimated queue wait exceeds it
+    max_waiting_requests: int | None = None  # 429 when this many requests already wait
+    scale_webhook: tuple[str, ...] = ()  # URLs POSTed on sustained overload and on recovery
+    scale_webhook_cooldown_s: float = 30.0
+    scale_webhook_sustain_s: float = 3.0  # how long the wait must stay above (or under) target
+    # With requests pending, an engine step loop silent this long is dead (/health 503).
+    engine_watchdog_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        from vlmserve.autoscale.admission import AdmissionPolicy
+        from vlmserve.autoscale.webhook import check_webhook_url
+
+        if not self.target_queue_wait_s > 0:
+            raise ValueError(f"--target-queue-wait-s must be greater than 0, got {self.target_queue_wait_s}")
+        AdmissionPolicy(self.max_queue_wait_s, self.max_waiting_requests)  # validates
+        if isinstance(self.scale_webhook, str):
+            object.__setattr__(self, "scale_webhook", (self.scale_webhook,))
+        object.__setattr__(self, "scale_webhook", tuple(check_webhook_url(u) for u in self.scale_webhook))
+        for name in ("scale_webhook_cooldown_s", "scale_webhook_sustain_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 0, got {getattr(self, name)}")
+        if not self.engine_watchdog_s > 0:
+            raise ValueError(f"--engine-watchdog-s must be greater than 0, got {self.engine_watchdog_s}")
+
+    def __post_init__(self) -> None:
+        if self.max_pending_requests < 1:
+            raise ValueError(f"max_pending_requests must be at least 1, got {self.max_pending_requests}")
+        if self.max_media_memory_gb is not None and not self.max_media_memory_gb > 0:
+            raise ValueError(f"max_media_memory_gb (--max-media-memory-gb) must be greater than 0, "
+                             f"got {self.max_media_memory_gb}")
+
+    def media_memory_budget(self) -> tuple[int, str]:
+        """The media memory budget in bytes (`max_media_memory_gb`, else the machine's default)
+        and how it was set, for messages."""
+        from vlmserve.multimodal.budget import DEFAULT_MEMORY_FRACTION, GiB, default_media_memory_bytes
+
+        if self.max_media_memory_gb is None:
+            n = default_media_memory_bytes()
+            return n, (f"--max-media-memory-gb unset: {n / GiB:.2f} GiB, {DEFAULT_MEMORY_FRACTION:.0%} of this "
+                       "machine's memory")
+        return max(1, int(self.max_media_memory_gb * GiB)), f"--max-media-memory-gb {self.max_media_memory_gb:g}"
 
 
 @dataclass(frozen=True)

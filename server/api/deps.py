@@ -13,6 +13,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from vlmserve.api.intake import Intake
 from vlmserve.api.logprobs import TokenRenderer
 from vlmserve.config import ServerConfig
 from vlmserve.engine.client import EngineClient
@@ -31,6 +32,10 @@ async def get_media(request: Request) -> MediaLoader:
     return request.app.state.media
 
 
+async def get_intake(request: Request) -> Intake:
+    return request.app.state.intake
+
+
 async def get_token_renderer(request: Request) -> TokenRenderer:
     return request.app.state.token_renderer
 
@@ -39,3 +44,4 @@ EngineDep = Annotated[EngineClient, Depends(get_engine)]
 ConfigDep = Annotated[ServerConfig, Depends(get_config)]
 MediaDep = Annotated[MediaLoader, Depends(get_media)]
 TokenRendererDep = Annotated[TokenRenderer, Depends(get_token_renderer)]
+IntakeDep = Annotated[Intake, Depends(get_intake)]

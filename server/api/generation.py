@@ -198,14 +198,21 @@ class SSEResponse(StreamingResponse):
 
     media_type = "text/event-stream"
 
-    def __init__(self, content: AsyncIterator[str]) -> None:
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None] | None = None) -> None:
+        """`on_close` runs once the stream is over, however it ended (the request's admission
+        ticket: `vlmserve.api.intake`)."""
         super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await self.body_iterator.aclose()  # type: ignore[attr-defined]
+            try:
+                await self.body_iterator.aclose()  # type: ignore[attr-defined]
+            finally:
+                if self._on_close is not None:
+                    self._on_close()
 
 
 async def guarded_stream(chunks: AsyncIterator[str], outputs: AsyncIterator[Any]) -> AsyncIterator[str]:

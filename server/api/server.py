@@ -1,7 +1,8 @@
 """Run the HTTP server: build the engine (its core in a child process or on a thread, per
 `engine_mode`), wait until the core serves, then serve the app with uvicorn.
 
-The core is stopped on every way out of `run_server`: uvicorn's SIGTERM/SIGINT shutdown (after
+The listener opens before the engine has loaded (see `run_server`). The core is stopped on
+every way out of `run_server`: uvicorn's SIGTERM/SIGINT shutdown (after
 `--drain-seconds` of serving with /ready at 503, when set), an error, or a failed start. If
 this process is killed outright, the engine-core process sees its pipe close and exits by
 itself.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 
 import uvicorn
 
@@ -59,30 +61,53 @@ class _DrainingServer(uvicorn.Server):
 
 
 async def run_server(config: Config) -> None:
+    """The listener opens as soon as the tokenizer and processor are built: while the engine
+    loads its weights and warms up, /health and /ready answer 503 and requests get a 503 with
+    Retry-After, so probes and load balancers see the truth instead of refused connections."""
+    t0 = time.monotonic()
     core, frontend = await asyncio.to_thread(build_core_client, config.engine)
     name = config.server.served_model_name or frontend.default_model_name
-    engine = AsyncEngine(core, frontend.processor, model_name=name)
+    engine = AsyncEngine(core, frontend.processor, model_name=name, watchdog_s=config.server.engine_watchdog_s)
+    engine.metrics.startup_phase("frontend", time.monotonic() - t0)
     media = MediaLoader(config.media)
     engine.media_stats = media
+    media.observer = engine.metrics
+    app = create_app(engine, config.server, media)
+    monitor = app.state.load_monitor
+    server = _DrainingServer(
+        uvicorn.Config(app, host=config.server.host, port=config.server.port, log_level=config.server.log_level),
+        engine,
+        config.server.drain_seconds,
+    )
+    # uvicorn stops on SIGTERM/SIGINT and then re-raises that signal once serve() returns,
+    # which under the default handlers would end this process before the `finally` stops
+    # the engine core in order. Handlers that ignore the re-raise let it run.
+    previous = {sig: signal.signal(sig, _ignore_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    serving = asyncio.create_task(server.serve(), name="uvicorn")
+    ticker = asyncio.create_task(monitor.run(), name="load-monitor")
     try:
-        await engine.start()
-        app = create_app(engine, config.server, media)
-        server = _DrainingServer(
-            uvicorn.Config(app, host=config.server.host, port=config.server.port, log_level=config.server.log_level),
-            engine,
-            config.server.drain_seconds,
-        )
-        where = f"process, pid {core.pid}" if isinstance(core, ProcessCoreClient) else "thread"
-        logger.info("serving %s on http://%s:%d (engine core: %s)", name, config.server.host, config.server.port, where)
-        # uvicorn stops on SIGTERM/SIGINT and then re-raises that signal once serve() returns,
-        # which under the default handlers would end this process before the `finally` stops
-        # the engine core in order. Handlers that ignore the re-raise let it run.
-        previous = {sig: signal.signal(sig, _ignore_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            await server.serve()
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+        starting = asyncio.create_task(_start_engine(engine, core, name, config))
+        await asyncio.wait({serving, starting}, return_when=asyncio.FIRST_COMPLETED)
+        if starting.done() and starting.exception() is not None:
+            server.should_exit = True  # the engine cannot serve: stop listening, report its error
+            await asyncio.gather(serving, return_exceptions=True)
+            starting.result()
+        await serving  # until SIGTERM/SIGINT (or a listener failure, re-raised here)
+        if not starting.done():  # stopped while still loading: the core is shut down below
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        ticker.cancel()
+        monitor.close()
         await engine.shutdown()
         media.close()
+
+
+async def _start_engine(engine: AsyncEngine, core: object, name: str, config: Config) -> None:
+    await engine.start()
+    where = f"process, pid {core.pid}" if isinstance(core, ProcessCoreClient) else "thread"
+    logger.info("engine core serving %s (engine core: %s); warming up", name, where)
+    await engine.warm_up()
+    logger.info("serving %s on http://%s:%d (ready)", name, config.server.host, config.server.port)

@@ -18,18 +18,21 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from PIL import Image
 
 from vlmserve.engine.client import EngineDeadError, RequestRejected
-from vlmserve.engine.core_client import CoreClient, StepResult
+from vlmserve.engine.core_client import CoreClient, ProcessCoreClient, StepResult
 from vlmserve.engine.detokenizer import IncrementalDetokenizer, text_token_ids
 from vlmserve.engine.metrics import EngineMetrics
 from vlmserve.engine.outputs import EngineCoreOutput, RequestOutput
 from vlmserve.engine.request import Request
 from vlmserve.engine.sampling_params import SamplingParams
+from vlmserve.engine.warmup import WARMUP_PREFIX, run_warmup, time_preprocessing as _time_preprocessing
+from vlmserve.engine.watchdog import StepWatchdog
 from vlmserve.multimodal.inputs import ProcessedPrompt
+from vlmserve.multimodal.media import MediaError
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +47,9 @@ class _Stream:
     finished: bool = False
     arrival: float = field(default_factory=time.monotonic)
     last_token_time: float | None = None
+    first_token_time: float | None = None
+    scheduled_time: float | None = None  # when the core first scheduled it (its clock is ours)
+    recorded: bool = True  # False for the warm-up request: it is not traffic
 
 
 class AsyncEngine:
@@ -54,8 +60,10 @@ class AsyncEngine:
         *,
         model_name: str,
         render_workers: int = 4,
+        watchdog_s: float = 60.0,
     ) -> None:
-        """`core` is not started yet: `start()` starts it and learns the context length."""
+        """`core` is not started yet: `start()` starts it and learns the context length.
+        `watchdog_s`: with requests pending, a step loop silent this long is declared dead."""
         self.core = core
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -74,26 +82,67 @@ class AsyncEngine:
         self.stats: dict[str, float] = {}
         self.metrics = EngineMetrics(model_name, self.snapshot)
         self.media_stats: Any = None  # an object with cache_hits / cache_misses (the MediaLoader)
+        # Called on the event loop with each step's stats (the load monitor's estimator).
+        self.step_observers: list[Callable[[dict[str, float]], None]] = []
+        self._watchdog = StepWatchdog(watchdog_s)
+        self._watch_task: asyncio.Task | None = None
+        self._warm = False
+        self._last_steps = 0
+        # Requests being rendered (template, tokenizer, image processing): admitted, about to
+        # queue in the engine. The load estimate counts them as waiting.
+        self.num_rendering = 0
+        _time_preprocessing(processor, self.metrics)
 
     # ---- lifecycle -------------------------------------------------------------------
     async def start(self) -> None:
         """Returns once the core serves (in process mode: the child loaded the model); raises
         `EngineStartupError` with the core's error otherwise."""
         self._loop = asyncio.get_running_loop()
+        t0 = time.monotonic()
         info = await asyncio.to_thread(self.core.start, self._on_step_threadsafe, self._on_dead_threadsafe)
+        self.metrics.startup_phase("engine_load", time.monotonic() - t0)
         self.max_model_len, self.num_kv_blocks, self.stats = info.max_model_len, info.num_kv_blocks, info.stats
+        self._last_steps = int(self.stats.get("steps", 0))
         self._started = True
+        self._watch_task = asyncio.create_task(self._watch(), name="engine-watchdog")
+
+    async def warm_up(self) -> None:
+        """One request through the vision encoder (text only if the model takes no images or
+        the deployment's limits refuse the probe image) before /ready first answers 200: the
+        first user request then meets no first-call costs (kernel compilation, allocator)."""
+        t0 = time.monotonic()
+        await run_warmup(self)
+        self._warm = True
+        self.metrics.startup_phase("warmup", time.monotonic() - t0)
 
     async def shutdown(self) -> None:
-        await asyncio.to_thread(self.core.shutdown)
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+        # A dead core (a hung step loop) will not stop when asked: do not wait long for it.
+        await asyncio.to_thread(self.core.shutdown, 2.0 if self._dead else 10.0)
         self._render_pool.shutdown(wait=False, cancel_futures=True)
 
     def is_healthy(self) -> bool:
         return self._started and self._dead is None and self.core.is_alive()
 
     def is_ready(self) -> bool:
-        """Serving and not draining: a load balancer may send traffic."""
-        return self.is_healthy() and not self._draining
+        """Serving, warmed up and not draining: a load balancer may send traffic."""
+        return self.is_healthy() and self._warm and not self._draining
+
+    @property
+    def phase(self) -> str:
+        """loading | warming_up | serving | draining | dead (for /ready and /v1/load)."""
+        if self._dead is not None or (self._started and not self.core.is_alive()):
+            return "dead"
+        if not self._started:
+            return "loading"
+        if not self._warm:
+            return "warming_up"
+        return "draining" if self._draining else "serving"
+
+    @property
+    def dead_reason(self) -> str | None:
+        return self._dead
 
     def start_draining(self) -> None:
         """From now on /ready answers 503; requests are still accepted and served."""
@@ -109,6 +158,11 @@ class AsyncEngine:
             snap["media_cache_hits"] = getattr(self.media_stats, "cache_hits", 0)
             snap["media_cache_misses"] = getattr(self.media_stats, "cache_misses", 0)
         return snap
+
+    @property
+    def core_in_other_process(self) -> bool:
+        """Whether requests (and their pixels) are copied into the engine core's own process."""
+        return isinstance(self.core, ProcessCoreClient)
 
     @property
     def num_unfinished(self) -> int:
@@ -134,17 +188,31 @@ class AsyncEngine:
     ) -> ProcessedPrompt:
         loop = asyncio.get_running_loop()
         kwargs = {"videos": videos} if videos else {}
-        prompt = await loop.run_in_executor(
-            self._render_pool,
-            lambda: self.processor.render_chat(
-                conversation, images, add_generation_prompt, chat_template_kwargs, **kwargs
-            ),
-        )
+        t0 = time.monotonic()
+        self.num_rendering += 1
+        try:
+            prompt = await loop.run_in_executor(
+                self._render_pool,
+                lambda: self.processor.render_chat(
+                    conversation, images, add_generation_prompt, chat_template_kwargs, **kwargs
+                ),
+            )
+        except MediaError:
+            self.metrics.media_failure("render_failed")
+            raise
+        finally:
+            self.num_rendering -= 1
+        if images or videos:
+            self.metrics.media_stage("render", time.monotonic() - t0)
         return self._check_length(prompt)
 
     async def render_completion(self, prompt: str | list[int]) -> ProcessedPrompt:
         loop = asyncio.get_running_loop()
-        out = await loop.run_in_executor(self._render_pool, self.processor.render_completion, prompt)
+        self.num_rendering += 1
+        try:
+            out = await loop.run_in_executor(self._render_pool, self.processor.render_completion, prompt)
+        finally:
+            self.num_rendering -= 1
         return self._check_length(out)
 
     def _check_length(self, prompt: ProcessedPrompt) -> ProcessedPrompt:
@@ -169,6 +237,9 @@ class AsyncEngine:
         stream = _Stream(request_id, prompt, IncrementalDetokenizer(
             self.tokenizer, prompt.prompt_token_ids, sampling_params, getattr(self.processor, "strips_output_whitespace", False)
         ))
+        stream.recorded = not request_id.startswith(WARMUP_PREFIX)
+        if not any(not s.finished for s in self._streams.values()):  # stops at the first: O(1) when busy
+            self._watchdog.progress(time.monotonic())  # the loop was idle: its silence was fine
         self._streams[request_id] = stream
         request = Request(request_id, prompt, sampling_params, eos_token_ids=self.eos_token_ids)
         self.core.add_request(request)
@@ -214,6 +285,13 @@ class AsyncEngine:
     # ---- event loop side -------------------------------------------------------------
     def _on_step(self, result: StepResult) -> None:
         self.stats = result.stats
+        self._watchdog.progress(time.monotonic())
+        steps = int(result.stats.get("steps", 0))
+        if steps != self._last_steps:  # a step ran (not just inputs applied to an idle core)
+            self._last_steps = steps
+            self.metrics.step(result.stats.get("step_s", 0.0), int(result.stats.get("step_tokens", 0)))
+        for observe in self.step_observers:
+            observe(result.stats)
         for req_id, why in result.rejected:
             stream = self._streams.get(req_id)
             if stream is not None:
@@ -222,17 +300,36 @@ class AsyncEngine:
         if result.outputs:
             self._dispatch(result.outputs)
 
+    async def _watch(self) -> None:
+        """The watchdog: requests pending and no step result for `watchdog_s` → dead, and every
+        in-flight request ends with an error instead of hanging."""
+        while self._dead is None:
+            await asyncio.sleep(self._watchdog.poll_s)
+            message = self._watchdog.check(time.monotonic(), self._num_pending())
+            if message is not None:
+                logger.error("%s", message)
+                self._dead = message
+                self._fail_all(message)
+
+    def _num_pending(self) -> int:
+        """Requests the core still owes outputs (a finished stream may wait for a slow reader)."""
+        return sum(1 for stream in self._streams.values() if not stream.finished)
+
     def _fail_all(self, message: str) -> None:
         for stream in list(self._streams.values()):
             stream.finished = True
             stream.queue.put_nowait(EngineDeadError(message))
 
     def _record(self, stream: _Stream, num_new: int, finish_reason: str | None) -> None:
+        if not stream.recorded:
+            return
         now = time.monotonic()
         m = self.metrics
         if stream.last_token_time is None:
+            stream.first_token_time = now
             m.ttft.observe(now - stream.arrival)
             m.prompt_tokens.inc(len(stream.prompt.prompt_token_ids))
+            m.vision_tokens.observe(sum(item.length for item in stream.prompt.mm_items))
         elif num_new:
             m.itl.observe((now - stream.last_token_time) / num_new)
         stream.last_token_time = now
@@ -240,12 +337,15 @@ class AsyncEngine:
         if finish_reason is not None:
             m.request_finished(finish_reason, len(stream.prompt.prompt_token_ids), stream.num_output_tokens,
                                now - stream.arrival)
+            m.request_phases(stream.arrival, stream.scheduled_time, stream.first_token_time, now)
 
     def _dispatch(self, outputs: list[EngineCoreOutput]) -> None:
         for out in outputs:
             stream = self._streams.get(out.req_id)
             if stream is None or stream.finished:
                 continue
+            if out.first_scheduled_time is not None:
+                stream.scheduled_time = out.first_scheduled_time
             text, stop_str = stream.detok.update(text_token_ids(out))
             stream.num_output_tokens += len(out.new_token_ids)
             finish_reason, stop_reason = out.finish_reason, out.stop_reason

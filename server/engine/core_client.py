@@ -81,6 +81,10 @@ def core_stats(core: EngineCore, num_steps: int) -> dict[str, float]:
     stats = dict(vars(core.scheduler.get_stats()))  # scalars only: no deep copy as in asdict
     stats["steps"] = num_steps
     stats["encoded_items"] = core.runner.encoder.num_encoded_items
+    stats["step_s"] = core.last_step_s  # the last step's; read with "steps" (a new step or not)
+    stats["step_cycle_s"] = core.last_cycle_s
+    stats["step_tokens"] = core.last_step_tokens
+    stats["step_encoder_rows"] = core.last_step_encoder_rows
     return stats
 
 

@@ -22,6 +22,7 @@ that `allocate` cannot free. Only then does it take the hits' references and all
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 
 from vlmserve.engine.request import Request
 
@@ -42,6 +43,8 @@ class EncoderCacheManager:
         self.queries = 0
         self.hits = 0
         self._queried: dict[str, set[int]] = {}
+        # Told (content hash, now cached?) whenever an entry enters or leaves the cache.
+        self.on_change: Callable[[str, bool], None] | None = None
 
     # ---- queries -------------------------------------------------------------------------
 
@@ -125,6 +128,8 @@ class EncoderCacheManager:
         while self.num_free_rows < num_rows:
             self._evict_one()
         self._rows[content_hash] = num_rows
+        if self.on_change is not None:
+            self.on_change(content_hash, True)
         self._num_used_rows += num_rows
         self._refs[content_hash] = set()
         if content_hash in self._freed:
@@ -189,6 +194,8 @@ class EncoderCacheManager:
     def _evict(self, content_hash: str) -> None:
         """Drops an entry already taken out of `_unreferenced`."""
         num_rows = self._rows.pop(content_hash)
+        if self.on_change is not None:
+            self.on_change(content_hash, False)
         del self._refs[content_hash]
         self._num_used_rows -= num_rows
         self._num_unreferenced_rows -= num_rows

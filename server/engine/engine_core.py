@@ -9,6 +9,7 @@ lost device, say): the error then propagates and the engine is reported dead."""
 from __future__ import annotations
 
 import logging
+import time
 
 from vlmserve.engine.outputs import EngineCoreOutput
 from vlmserve.engine.request import Request, RequestStatus
@@ -31,6 +32,17 @@ class EngineCore:
         # Whether the last step changed anything (scheduled tokens or preempted requests):
         # the step loop sleeps on its inputs after one that did not, instead of spinning.
         self.last_step_progressed = False
+        # The last step's wall time (schedule + forward + update), LM tokens and encoder rows
+        # computed: the front-end's throughput estimate and step metrics read them.
+        self.last_step_s = 0.0
+        self.last_step_tokens = 0
+        self.last_step_encoder_rows = 0
+        # Wall time from the previous step's end to this one's, when the loop went straight
+        # on (work was left): the step plus the loop's own costs (inputs, publishing); the
+        # step time alone otherwise. What a queued request really waits per step.
+        self.last_cycle_s = 0.0
+        self._prev_end: float | None = None
+        self._went_on = False
 
     def add_request(self, request: Request) -> None:
         self.scheduler.add_request(request)
@@ -42,9 +54,26 @@ class EngineCore:
         return self.scheduler.has_unfinished_requests()
 
     def step(self) -> list[EngineCoreOutput]:
+        t0 = time.perf_counter()
+        outputs = self._step()
+        t1 = time.perf_counter()
+        self.last_step_s = t1 - t0
+        went_on = self._went_on and self._prev_end is not None
+        self.last_cycle_s = t1 - self._prev_end if went_on else self.last_step_s
+        self._prev_end, self._went_on = t1, self.scheduler.has_unfinished_requests()
+        return outputs
+
+    def _step(self) -> list[EngineCoreOutput]:
         scheduler_output = self.scheduler.schedule()
         self.last_step_progressed = bool(
             scheduler_output.total_num_scheduled_tokens or scheduler_output.preempted_req_ids
+        )
+        self.last_step_tokens = scheduler_output.total_num_scheduled_tokens
+        self.last_step_encoder_rows = sum(
+            self.scheduler.requests[req_id].mm_items[i].encoder_rows
+            for req_id, ids in scheduler_output.scheduled_encoder_inputs.items()
+            if req_id in self.scheduler.requests
+            for i in ids
         )
         try:
             runner_output = self.runner.execute(scheduler_output)

@@ -98,6 +98,9 @@ class EngineCoreOutput:
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     num_cached_tokens: int = 0
     new_logprobs: list[TokenLogprob] | None = None
+    # On a request's first output only: when it was first scheduled (time.monotonic(), one
+    # clock for every process of the host), for the queue / prefill time metrics.
+    first_scheduled_time: float | None = None
 
     def __reduce__(self):
         # One per request per step through the engine pipe: as a positional tuple it pickles
@@ -105,7 +108,7 @@ class EngineCoreOutput:
         return (
             EngineCoreOutput,
             (self.req_id, self.new_token_ids, self.finish_reason, self.stop_reason, self.num_cached_tokens,
-             self.new_logprobs),
+             self.new_logprobs, self.first_scheduled_time),
         )
 
 

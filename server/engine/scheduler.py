@@ -29,6 +29,7 @@ from vlmserve.engine.culprit_search import CulpritSearch
 from vlmserve.engine.encoder_cache_manager import EncoderCacheManager
 from vlmserve.engine.encoder_plan import commit_encoder, plan_encoder
 from vlmserve.engine.kv_cache_manager import KVCacheManager
+from vlmserve.engine.load_stats import slot_cycle_steps, slot_wait_steps
 from vlmserve.engine.outputs import (
     CachedRequestData,
     EngineCoreOutput,
@@ -36,6 +37,7 @@ from vlmserve.engine.outputs import (
     RunnerOutput,
     SchedulerOutput,
 )
+from vlmserve.engine.pending_work import PendingWork
 from vlmserve.engine.request import FINISH_REASONS, Request, RequestStatus
 
 
@@ -51,6 +53,19 @@ class SchedulerStats:
     encoder_cache_hits: int  # items
     num_pending_prefill_tokens: int  # tokens of waiting + running requests not yet computed
     num_pending_encoder_rows: int  # encoder rows still to compute for those requests
+    # The same pending prefill work split by the modality that causes it (token-equivalents:
+    # LM prompt tokens at text / image / video positions, plus that modality's encoder rows);
+    # the three sum to num_pending_prefill_tokens + num_pending_encoder_rows.
+    pending_work_text: int = 0
+    pending_work_image: int = 0
+    pending_work_video: int = 0
+    # Decode steps until a request arriving now could get a sequence slot (max_num_seqs),
+    # from the output budgets (max_tokens) left to the running requests: an upper bound.
+    slot_wait_steps: int = 0
+    # Steps one sequence slot stays taken, on average (the mean output budget): the front-end
+    # adds slot_cycle_steps / max_num_seqs per request it sent that is not in these stats yet.
+    slot_cycle_steps: float = 0.0
+    max_num_seqs: int = 1
 
 
 class Scheduler:
@@ -73,6 +88,9 @@ class Scheduler:
         self._preempted_req_ids: set[str] = set()  # by a failed step; reported likewise
         self.num_preemptions = 0
         self.culprits = CulpritSearch()
+        # get_stats' pending prefill tokens / encoder rows, kept as counters (not recounted).
+        self._pending = PendingWork(self.encoder_cache.contains)
+        self.encoder_cache.on_change = self._pending.cache_changed
 
     # ---- requests in and out -------------------------------------------------------------
 
@@ -83,6 +101,7 @@ class Scheduler:
         request.status = RequestStatus.WAITING
         self.requests[request.request_id] = request
         self.waiting.append(request)
+        self._pending.waiting(request)
 
     def finish_requests(self, req_ids: str | Iterable[str], status: RequestStatus) -> None:
         """Ends requests from outside the step (abort, client gone): frees everything; the
@@ -229,6 +248,7 @@ class Scheduler:
                 preempted.add(paused[-1].request_id)
         for req_id, n in num_scheduled.items():
             self.requests[req_id].num_computed_tokens += n
+            self._pending.running(self.requests[req_id])
         finished, self._finished_req_ids = self._finished_req_ids, set()
         preempted |= self._preempted_req_ids
         self._preempted_req_ids = set()
@@ -273,6 +293,7 @@ class Scheduler:
                     stop_reason=request.stop_token_id,
                     num_cached_tokens=request.num_cached_tokens if first else 0,
                     new_logprobs=logprobs[: len(new_tokens)] if logprobs is not None else None,
+                    first_scheduled_time=request.first_scheduled_time if first else None,
                 )
             )
             if request.is_finished:
@@ -283,16 +304,9 @@ class Scheduler:
         return outputs
 
     def get_stats(self) -> SchedulerStats:
-        pending_tokens = sum(r.num_tokens for r in self.waiting) + sum(
-            max(0, r.num_prompt_tokens - r.num_computed_tokens) for r in self.running
-        )
-        pending_rows = 0
-        for request in (*self.waiting, *self.running):
-            for item in request.mm_items:
-                if item.offset + item.length > request.num_computed_tokens and not (
-                    self.encoder_cache.contains(item.content_hash)
-                ):
-                    pending_rows += item.encoder_rows
+        """O(running): the pending-work figures are counters (`PendingWork`)."""
+        p = self._pending
+        text, image, video = p.work_by_modality()
         return SchedulerStats(
             num_running=len(self.running),
             num_waiting=len(self.waiting),
@@ -302,8 +316,14 @@ class Scheduler:
             prefix_cache_hits=self.kv_cache.prefix_cache_hits,
             encoder_cache_queries=self.encoder_cache.queries,
             encoder_cache_hits=self.encoder_cache.hits,
-            num_pending_prefill_tokens=pending_tokens,
-            num_pending_encoder_rows=pending_rows,
+            num_pending_prefill_tokens=p.prefill_tokens,
+            num_pending_encoder_rows=p.encoder_rows,
+            pending_work_text=text,
+            pending_work_image=image,
+            pending_work_video=video,
+            slot_wait_steps=slot_wait_steps(len(self.waiting), p.waiting_budget, self.running, self.config.max_num_seqs),
+            slot_cycle_steps=slot_cycle_steps(p.total_budget, p.num_tracked),
+            max_num_seqs=self.config.max_num_seqs,
         )
 
     # ---- internals -----------------------------------------------------------------------
@@ -349,6 +369,7 @@ class Scheduler:
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(request)
+        self._pending.waiting(request)
 
     def _free_request(self, request: Request, uncache: bool = False) -> None:
         self.kv_cache.free(request, uncache=uncache)
@@ -357,6 +378,7 @@ class Scheduler:
             self.cross_kv.free(request)
         self._finished_req_ids.add(request.request_id)
         self.culprits.forget(request.request_id)
+        self._pending.leave(request)
         del self.requests[request.request_id]
 
     def _new_request_data(

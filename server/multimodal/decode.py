@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import io
 import struct
+from typing import Callable
 
 import numpy as np
 from PIL import (
@@ -66,14 +67,26 @@ def check_pixels(width: int, height: int, max_pixels: int, what: str = "image") 
                          "it, or send a smaller image")
 
 
-def decode_image(raw: bytes, max_pixels: int) -> Image.Image:
-    """Decodes `raw` to a loaded RGB image. Raises MediaError (400) for anything bad."""
+def decoding_nbytes(width: int, height: int, mode: str) -> int:
+    """Peak bytes of decoding an image of this header size and mode into RGB: the decoded
+    pixels (at most 4 bytes a pixel in any mode Pillow decodes to: RGBA, CMYK, I, I;16), plus
+    the RGB copy when the stored mode is not RGB."""
+    return width * height * (3 if mode == "RGB" else 4 + 3)
+
+
+def decode_image(raw: bytes, max_pixels: int,
+                 before_load: Callable[[int], None] | None = None) -> Image.Image:
+    """Decodes `raw` to a loaded RGB image. Raises MediaError (400) for anything bad.
+    `before_load` is told `decoding_nbytes` once the header is read, before any pixel is
+    decoded; it raises to stop the decode (the media memory budget)."""
     parser = _sniff(raw)
     if parser is None:
         raise MediaError(f"the image data is not a {FORMATS} image (unrecognised header)")
     try:
         img = parser(io.BytesIO(raw))  # header only: no pixel data is decoded yet
         check_pixels(*img.size, max_pixels)
+        if before_load is not None:
+            before_load(decoding_nbytes(*img.size, img.mode))
         img.load()  # LOAD_TRUNCATED_IMAGES stays False: a truncated file raises here
         return to_rgb(_upright(img))
     except MediaError:

@@ -22,7 +22,7 @@ import os
 import re
 import ssl
 import zlib
-from typing import Iterable, Literal
+from typing import Callable, Iterable, Literal
 from urllib.parse import unquote, urlsplit
 
 import httpcore
@@ -32,6 +32,9 @@ from vlmserve.multimodal.types import MediaConfig, MediaError
 from vlmserve.multimodal.ssrf import HostPolicy, IPAddress, Resolver
 
 Kind = Literal["image", "video"]
+# Called with the bytes a fetch is about to read into memory, before it reads them (the media
+# memory budget's `MediaHold.reserve`); it raises to stop the fetch.
+Reserve = Callable[[int], None]
 _REDIRECTS = (301, 302, 303, 307, 308)
 _HTTPCORE_ERRORS = (httpcore.NetworkError, httpcore.ProtocolError, httpcore.UnsupportedProtocol,
                     httpcore.ProxyError)
@@ -58,24 +61,27 @@ class MediaFetcher:
         return (self.config.max_media_bytes, "--max-media-bytes",
                 self.config.image_timeout_s, "--image-timeout-s")
 
-    async def fetch(self, url: str, kind: Kind) -> bytes:
+    async def fetch(self, url: str, kind: Kind, reserve: Reserve | None = None) -> bytes:
+        """The raw bytes. `reserve` (if given) is told the size first: the exact size for
+        data: URLs and files, the declared Content-Length (else the byte cap) for http(s)."""
+        reserve = reserve or _no_reserve
         if not isinstance(url, str) or not url:
             raise MediaError(f"{kind} URL is empty; expected {_ALLOWED_FORMS}", param=f"{kind}_url")
         scheme = url.split(":", 1)[0].lower() if ":" in url else ""
         if scheme == "data":
             if len(url) > _INLINE_DATA_URL:  # base64 of MBs holds the GIL for ~10 ms per MB
-                return await asyncio.to_thread(self._data_url, url, kind)
-            return self._data_url(url, kind)
+                return await asyncio.to_thread(self._data_url, url, kind, reserve)
+            return self._data_url(url, kind, reserve)
         if scheme in ("http", "https"):
-            return await self._http(url, kind)
+            return await self._http(url, kind, reserve)
         if scheme == "file":
-            return await asyncio.to_thread(self._file, url, kind)
+            return await asyncio.to_thread(self._file, url, kind, reserve)
         raise MediaError(f"unsupported {kind} URL scheme {scheme or url[:16]!r}; "
                          f"allowed: {_ALLOWED_FORMS}", param=f"{kind}_url")
 
     # -- data: -----------------------------------------------------------------------------
 
-    def _data_url(self, url: str, kind: Kind) -> bytes:
+    def _data_url(self, url: str, kind: Kind, reserve: Reserve) -> bytes:
         cap, flag, _, _ = self.limits(kind)
         m = _DATA_URL.match(url)
         if m is None:
@@ -92,6 +98,7 @@ class MediaFetcher:
         if len(payload) // 4 * 3 > cap + 3:
             raise MediaError(f"{kind} of about {_mib(len(payload) // 4 * 3)} exceeds the limit of "
                              f"{_mib(cap)}; the server's {flag} raises it", status_code=413)
+        reserve(len(payload) // 4 * 3)
         try:
             raw = base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError):
@@ -109,7 +116,7 @@ class MediaFetcher:
 
     # -- file:// ----------------------------------------------------------------------------
 
-    def _file(self, url: str, kind: Kind) -> bytes:
+    def _file(self, url: str, kind: Kind, reserve: Reserve) -> bytes:
         root = self.config.allowed_local_media_path
         if root is None:
             raise MediaError("file:// media URLs are disabled; the server's "
@@ -137,6 +144,7 @@ class MediaFetcher:
         with os.fdopen(fd, "rb") as f:
             if not os.path.isfile(real):
                 raise MediaError(f"file {requested!r} is not a regular file")
+            reserve(min(os.fstat(f.fileno()).st_size, cap + 1))
             raw = f.read(cap + 1)
         if len(raw) > cap:
             raise MediaError(f"{kind} file exceeds the limit of {_mib(cap)}; the server's {flag} "
@@ -147,7 +155,7 @@ class MediaFetcher:
 
     # -- http(s) ----------------------------------------------------------------------------
 
-    async def _http(self, url: str, kind: Kind) -> bytes:
+    async def _http(self, url: str, kind: Kind, reserve: Reserve) -> bytes:
         _, _, budget, flag = self.limits(kind)
         pins: dict[tuple[str, int], list[IPAddress]] = {}
         timeout = httpx.Timeout(budget)
@@ -155,14 +163,15 @@ class MediaFetcher:
         async with httpx.AsyncClient(transport=transport, timeout=timeout, trust_env=False,
                                      follow_redirects=False) as client:
             try:
-                return await asyncio.wait_for(self._follow(client, pins, url, kind), budget)
+                return await asyncio.wait_for(self._follow(client, pins, url, kind, reserve), budget)
             except (asyncio.TimeoutError, httpx.TimeoutException):
                 raise MediaError(f"fetching the {kind} URL took longer than {budget:g} s; the "
                                  f"server's {flag} raises the limit") from None
             except httpx.TransportError as e:
                 raise MediaError(f"cannot fetch the {kind} URL: {e or type(e).__name__}") from None
 
-    async def _follow(self, client: httpx.AsyncClient, pins: dict, url: str, kind: Kind) -> bytes:
+    async def _follow(self, client: httpx.AsyncClient, pins: dict, url: str, kind: Kind,
+                      reserve: Reserve) -> bytes:
         hops = 0
         current = _parse_url(url, kind)
         while True:
@@ -180,7 +189,7 @@ class MediaFetcher:
                 if resp.status_code != 200:
                     raise MediaError(f"{kind} URL answered HTTP {resp.status_code} "
                                      f"{resp.reason_phrase}; expected 200")
-                return await self._read_body(resp, kind)
+                return await self._read_body(resp, kind, reserve)
 
     async def _vet_hop(self, url: httpx.URL, pins: dict) -> None:
         if url.scheme not in ("http", "https"):
@@ -191,7 +200,7 @@ class MediaFetcher:
         self.policy.check_name(host)
         pins[(host, port)] = await self.policy.resolve(host, port)
 
-    async def _read_body(self, resp: httpx.Response, kind: Kind) -> bytes:
+    async def _read_body(self, resp: httpx.Response, kind: Kind, reserve: Reserve) -> bytes:
         cap, flag, _, _ = self.limits(kind)
         too_big = f"{kind} exceeds the limit of {_mib(cap)}; the server's {flag} raises it"
         declared = resp.headers.get("content-length", "")
@@ -200,6 +209,8 @@ class MediaFetcher:
                              f"of {_mib(cap)}; the server's {flag} raises it", status_code=413)
         encoding = resp.headers.get("content-encoding", "").strip().lower()
         inflater = None if encoding in ("", "identity") else _Inflater(encoding, cap, too_big)
+        # Before the body: a compressed body inflates to an unknown size, up to the cap.
+        reserve(int(declared) if declared.isdigit() and inflater is None else cap)
         body = bytearray()
         async for chunk in resp.aiter_raw():  # raw: _Inflater bounds decompression, httpx would not
             body += inflater.feed(chunk) if inflater else chunk
@@ -210,6 +221,10 @@ class MediaFetcher:
         if not body:
             raise MediaError(f"{kind} URL returned an empty body")
         return bytes(body)
+
+
+def _no_reserve(nbytes: int) -> None:
+    return None
 
 
 def _parse_url(url: str, kind: Kind, base: httpx.URL | None = None) -> httpx.URL:

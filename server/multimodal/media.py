@@ -3,6 +3,7 @@
     loader = MediaLoader(MediaConfig(...))
     image = await loader.load_image(url)    # PIL.Image.Image, mode "RGB", read-only; raises MediaError
     video = await loader.load_video(url)    # VideoFrames; raises MediaError
+    image = await loader.load_image(url, hold, "0")   # accounted in a request's MediaHold
 
 A reference is a `data:` URL (base64), an `http(s)://` URL (fetched by `fetch.py` behind the
 SSRF guard of `ssrf.py`, time and byte capped) or a `file://` URL under
@@ -18,18 +19,26 @@ fine; paste, putpixel, thumbnail, draw or any other in-place edit must work on t
 
 The public types (MediaError, MediaConfig, VideoFrames) live in `types.py`, which imports no
 stage of the pipeline; they are re-exported here for callers of the loader.
+
+With a `MediaHold` (`budget.py`), a load accounts its memory under `<key>:raw` (the fetched
+bytes: reserved before they are read, dropped once decoded) and `<key>:decoded` (reserved
+from the header's size before decoding, settled to the decoded size). A cache hit allocates
+nothing but is settled all the same: the request keeps the shared object alive. A
+reservation that does not fit raises `MediaMemoryExceeded` out of the load.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from PIL import Image
 
 from vlmserve.multimodal import decode, fetch, hashing, video
+from vlmserve.multimodal.budget import MediaHold
 from vlmserve.multimodal.ssrf import Resolver
 from vlmserve.multimodal.types import MediaConfig, MediaError, VideoFrames
 
@@ -56,6 +65,7 @@ class MediaLoader:
         # growing executor queue holding raw bytes; it is bound to one loop, so it is made
         # per running loop.
         self._sems: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Semaphore]] = {}
+        self.observer: Any = None  # stage timings and failures (see `_load`)
 
     # Counters for /metrics.
     @property
@@ -71,14 +81,43 @@ class MediaLoader:
         """Decodes actually run (a cache hit runs none)."""
         return self._decodes
 
-    async def load_image(self, url: str) -> Image.Image:
+    async def load_image(self, url: str, hold: Optional[MediaHold] = None, key: str = "media") -> Image.Image:
         """The decoded RGB image, shared with other callers of the same bytes: read-only."""
-        raw = await self._fetcher.fetch(url, kind="image")
-        return await self._run(self._image_job, raw)
+        return await self._load("image", self._image_job, url, hold, key)
 
-    async def load_video(self, url: str) -> VideoFrames:
-        raw = await self._fetcher.fetch(url, kind="video")
-        return await self._run(self._video_job, raw)
+    async def load_video(self, url: str, hold: Optional[MediaHold] = None, key: str = "media") -> VideoFrames:
+        return await self._load("video", self._video_job, url, hold, key)
+
+    async def _load(self, kind: str, job: Callable[..., Any], url: str, hold: Optional[MediaHold], key: str) -> Any:
+        """Fetch then decode, each timed and each failure counted on `observer`, when set (an
+        object with media_stage(stage, seconds) and media_failure(reason): the engine metrics)."""
+        reserve = None if hold is None else (lambda n: hold.reserve(f"{key}:raw", n))
+        t0 = time.perf_counter()
+        try:
+            raw = await self._fetcher.fetch(url, kind=kind, reserve=reserve)  # type: ignore[arg-type]
+        except MediaError as e:
+            self._failed("too_large" if e.status_code == 413 else "fetch_failed")
+            raise
+        if hold is not None:
+            hold.settle(f"{key}:raw", len(raw))
+        t1 = time.perf_counter()
+        try:
+            decoded = await self._run(job, raw, hold, f"{key}:decoded")
+        except MediaError as e:
+            self._failed("too_large" if e.status_code == 413 else "decode_failed")
+            raise
+        finally:
+            del raw  # what the hold counted under :raw is garbage from here on
+            if hold is not None:
+                hold.settle(f"{key}:raw", 0)
+        if self.observer is not None:
+            self.observer.media_stage("fetch", t1 - t0)
+            self.observer.media_stage("decode", time.perf_counter() - t1)
+        return decoded
+
+    def _failed(self, reason: str) -> None:
+        if self.observer is not None:
+            self.observer.media_failure(reason)
 
     def close(self) -> None:
         """Stops the decode threads once their current work is done."""
@@ -86,32 +125,40 @@ class MediaLoader:
 
     # -- worker side ---------------------------------------------------------------------
 
-    def _image_job(self, raw: bytes) -> Image.Image:
+    def _image_job(self, raw: bytes, hold: Optional[MediaHold], hold_key: str) -> Image.Image:
         key = "image:" + self._hashing.content_hash(raw)
         with self._lock:
             cached = self._cache.get(key)
         if cached is None:
-            cached = self._decode.decode_image(raw, max_pixels=self.config.max_image_pixels)
+            accounted = {} if hold is None else {"before_load": lambda n: hold.reserve(hold_key, n)}
+            cached = self._decode.decode_image(raw, max_pixels=self.config.max_image_pixels, **accounted)
             with self._lock:
                 self._decodes += 1
                 self._cache.put(key, cached, self._decode.image_nbytes(cached))
+        if hold is not None:
+            hold.settle(hold_key, self._decode.image_nbytes(cached))
         return cached  # shared, read-only by contract (see the module docstring)
 
-    def _video_job(self, raw: bytes) -> VideoFrames:
+    def _video_job(self, raw: bytes, hold: Optional[MediaHold], hold_key: str) -> VideoFrames:
         key = "video:" + self._hashing.content_hash(raw)
         with self._lock:
             cached = self._cache.get(key)
         if cached is None:
+            if hold is not None:  # the decoder's bound: the container's header says too little
+                c = self.config
+                hold.reserve(hold_key, c.max_video_frames * (c.max_video_frame_pixels * 3 + 8))
             cached = self._video.decode_video(raw, self.config)
             with self._lock:
                 self._decodes += 1
                 self._cache.put(key, cached, cached.nbytes)
+        if hold is not None:
+            hold.settle(hold_key, cached.nbytes)
         return cached  # read-only arrays: safe to share
 
-    async def _run(self, job: Callable[[bytes], Any], raw: bytes) -> Any:
+    async def _run(self, job: Callable[..., Any], raw: bytes, hold: Optional[MediaHold], hold_key: str) -> Any:
         loop = asyncio.get_running_loop()
         async with self._semaphore(loop):
-            return await loop.run_in_executor(self._pool, job, raw)
+            return await loop.run_in_executor(self._pool, job, raw, hold, hold_key)
 
     def _semaphore(self, loop: asyncio.AbstractEventLoop) -> asyncio.Semaphore:
         entry = self._sems.get(id(loop))

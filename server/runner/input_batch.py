@@ -31,6 +31,9 @@ class CachedRequestState:
     cross_ranges: np.ndarray | None = None  # int32 [num_prompt_tokens, 2]
     cross_row_positions: np.ndarray | None = None  # int64 [num_cross_rows]
     num_cross_rows: int = 0
+    # Owned by the Sampler: the request's sampling constants and device-state handle, built
+    # when it first samples (a fresh state after preemption starts without).
+    sampler_state: object = field(default=None, repr=False, compare=False)
 
     @property
     def output_token_ids(self) -> list[int]:

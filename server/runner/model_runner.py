@@ -70,7 +70,9 @@ class ModelRunner:
 
     def _update_states(self, out: SchedulerOutput) -> None:
         for req_id in out.finished_req_ids | out.preempted_req_ids:
-            self.requests.pop(req_id, None)
+            st = self.requests.pop(req_id, None)
+            if st is not None:
+                self.sampler.release(st)
         self.encoder.free(out.free_encoder_hashes)
         for new in out.scheduled_new_reqs:
             self.requests[new.req_id] = CachedRequestState(
@@ -117,7 +119,7 @@ class ModelRunner:
         if inputs.sampling_req_ids:
             logits = self.model.compute_logits(hidden[torch.from_numpy(inputs.logits_indices).to(self.device)])
             states = [self.requests[r] for r in inputs.sampling_req_ids]
-            tokens, token_logprobs = self.sampler(logits, states)
+            tokens, token_logprobs = self.sampler(logits, states, inplace=True)
             for st, tok, lp in zip(states, tokens, token_logprobs):
                 st.token_ids.append(tok)
                 sampled[st.req_id] = [tok]

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import re
 
 import httpx
@@ -168,8 +169,8 @@ async def test_harmless_values_of_those_params_are_accepted(client):
 
 async def test_video_is_400_when_the_media_loader_cannot_load_video(engine):
     class ImageOnly:
-        async def load_image(self, url: str):
-            return await MediaLoader().load_image(url)
+        async def load_image(self, url: str, *accounted):
+            return await MediaLoader().load_image(url, *accounted)
 
     app = create_app(engine, ServerConfig(), media=ImageOnly())  # type: ignore[arg-type]
     msgs = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}}]}]
@@ -193,7 +194,7 @@ async def test_video_for_an_image_only_model_is_400_before_any_fetch(client, eng
 
 async def test_media_error_status_is_kept(engine):
     class Refusing:
-        async def load_image(self, url: str):
+        async def load_image(self, url: str, *accounted):
             raise MediaError("image host not allowed", status_code=403)
 
     app = create_app(engine, ServerConfig(), media=Refusing())  # type: ignore[arg-type]
@@ -223,9 +224,9 @@ async def test_requests_in_flight_when_the_engine_dies_are_a_500_engine_error(cl
     engine.dead_after_steps = 2
     err = _error(await client.post("/v1/chat/completions", json=_chat()), 500)
     assert err["code"] == "engine_error" and "/health" in err["message"] and "secret" not in err["message"]
+    # Once dead, a new request, streamed or not, is a 503 before any response starts.
     r = await client.post("/v1/chat/completions", json=_chat(stream=True))
-    events = parse_sse(r.text)
-    assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "engine_error"
+    assert r.status_code == 503 and r.json()["error"]["code"] == "engine_unhealthy"
     assert (await client.get("/health")).status_code == 503
 
 
@@ -277,20 +278,29 @@ async def test_more_images_than_limit_mm_per_prompt_is_refused_before_loading(ma
         assert (await c.post("/v1/chat/completions", json=body)).status_code == 200
 
 
-async def test_past_max_pending_requests_new_ones_get_503_with_retry_after(make_client, engine, monkeypatch):
+async def test_past_max_pending_requests_new_ones_get_503_with_retry_after(make_client, engine):
     from tests.api.helpers import MODEL
 
-    monkeypatch.setattr(type(engine), "num_unfinished", 5, raising=False)
+    engine.block_after_steps = 1  # every request waits in the engine until `release`
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     async with make_client(max_pending_requests=5) as c:
+        # 2 + 3: n counts each engine request, as the engine does.
+        held = [asyncio.create_task(c.post("/v1/chat/completions", json={**body, "n": 2})),
+                asyncio.create_task(c.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2,
+                                                                    "n": 3}))]
+        while len(engine.request_ids) < 5:
+            await asyncio.sleep(0.01)
         r = await c.post("/v1/chat/completions", json=body)
         assert r.status_code == 503
         assert r.headers["retry-after"] == "1"
         assert "--max-pending-requests 5" in r.json()["error"]["message"]
         r = await c.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2})
         assert r.status_code == 503
-    async with make_client(max_pending_requests=6) as c:
+        engine.release.set()
+        assert [t.status_code for t in await asyncio.gather(*held)] == [200, 200]
+        # All finished: the count is back to zero and requests are admitted again.
         assert (await c.post("/v1/chat/completions", json=body)).status_code == 200
+        assert (await c.get("/v1/load")).json()["num_requests_in_flight"] == 0
 
 
 async def test_top_k_past_int64_is_400_before_reaching_the_engine(client, engine):

@@ -121,8 +121,11 @@ def test_killed_engine_process_fails_the_stream_and_health_turns_503(tiny_ckpt, 
         assert "error" in json.loads(rest[-2].removeprefix("data: "))
         assert httpx.get(base + "/health").status_code == 503
         assert httpx.get(base + "/ready").status_code == 503
+        # Once dead, a new request gets its 503 before any response starts, streamed or not.
         r = httpx.post(base + "/v1/chat/completions", timeout=10, json={**body, "stream": False})
-        assert r.status_code == 500 and r.json()["error"]["message"]
+        assert r.status_code == 503 and "not healthy" in r.json()["error"]["message"]
+        with httpx.Client(timeout=10) as c, c.stream("POST", base + "/v1/chat/completions", json=body) as r:
+            assert r.status_code == 503 and r.headers["content-type"].startswith("application/json")
 
 
 def test_sigterm_stops_the_engine_process(tiny_ckpt, tmp_path):

@@ -216,7 +216,7 @@ def test_health_stays_fast_while_16_large_images_decode(base):
 def test_ops_endpoints_are_open_and_report_engine_state(base, client):
     client.chat.completions.create(model="tiny", messages=chat("count me", image(64, 64, 31)), max_tokens=3,
                                    temperature=0)
-    assert httpx.get(base + "/ready").json() == {"ready": True}
+    assert httpx.get(base + "/ready").json() == {"ready": True, "phase": "serving"}
     load = httpx.get(base + "/v1/load").json()
     assert {"num_running", "num_waiting", "kv_cache_usage", "num_pending_prefill_tokens"} <= set(load)
     text = httpx.get(base + "/metrics").text

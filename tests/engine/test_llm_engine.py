@@ -210,6 +210,30 @@ def test_preempted_requests_finish_with_the_same_output_and_free_every_block(tin
     assert kv.num_free_blocks == need * 3
 
 
+def test_preempted_sampled_requests_with_penalties_resume_with_the_same_tokens(tiny_ckpt):
+    """Seeded draws and penalty state survive preemption by recompute: the sampler rebuilds a
+    re-admitted request's token counts from its token ids, and a seeded draw depends only on
+    (seed, output position)."""
+    prompts_spec = _mixed_workload()[:12]
+    ref = make_llm(tiny_ckpt)
+    prompts = [ref.render_chat(c, i) for c, i in prompts_spec]
+    kinds = [
+        dict(temperature=0.1, top_p=0.001, top_k=1, repetition_penalty=1.05),  # Qwen2-VL's published
+        dict(temperature=0.9, top_p=0.9, repetition_penalty=1.3, presence_penalty=0.5, seed=3),
+        dict(temperature=1.2, top_k=20, min_p=0.05, frequency_penalty=0.8, seed=4),
+    ]
+    params = [SamplingParams(max_tokens=24, ignore_eos=True, **{**kinds[i % 3], **({"seed": 100 + i} if "seed" in kinds[i % 3] else {})})
+              for i in range(len(prompts))]
+    expected = [c.token_ids for c in ref.generate(prompts, params)]
+
+    need = max(len(p.prompt_token_ids) + 24 for p in prompts) // 16 + 1
+    tight = make_llm(tiny_ckpt, num_kv_blocks=need * 3, enable_prefix_caching=False)
+    got = [c.token_ids for c in tight.generate(prompts, params)]
+    assert tight.scheduler.get_stats().num_preemptions > 0
+    assert got == expected
+    assert len({tuple(t) for t in got}) > 1
+
+
 def test_repeated_image_question_hits_the_prefix_cache_and_another_image_does_not(tiny_ckpt):
     llm = make_llm(tiny_ckpt)
     a, b = image(224, 224, 11), image(224, 224, 12)

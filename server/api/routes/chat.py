@@ -7,7 +7,8 @@ from typing import AsyncIterator
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from vlmserve.api.deps import ConfigDep, EngineDep, MediaDep, TokenRendererDep
+from vlmserve.api.load_gate import check_admission, record_request_params
+from vlmserve.api.deps import ConfigDep, EngineDep, IntakeDep, MediaDep, TokenRendererDep
 from vlmserve.api.errors import internal_error
 from vlmserve.api.generation import (
     SSEResponse,
@@ -26,7 +27,7 @@ from vlmserve.api.protocol import (
     ChatCompletionResponse,
     ChatStreamChoice,
 )
-from vlmserve.api.routes.common import ResponseContext, check_capacity, check_request, make_usage, render_prompt
+from vlmserve.api.routes.common import ResponseContext, check_request, make_usage, render_prompt
 from vlmserve.api.routes.conversation import check_media_limits, check_modalities, load_media, to_hf_conversation
 from vlmserve.api.sampling import build_sampling_params
 from vlmserve.engine.outputs import RequestOutput
@@ -38,31 +39,41 @@ router = APIRouter()
 @router.post("/v1/chat/completions", response_model=None)
 async def create_chat_completion(
     body: ChatCompletionRequest, request: Request, engine: EngineDep, media: MediaDep, renderer: TokenRendererDep,
-    config: ConfigDep,
+    config: ConfigDep, intake: IntakeDep,
 ) -> ChatCompletionResponse | Response:
     check_request(body, engine)
-    check_capacity(engine, config.max_pending_requests)
+    check_admission(request)
     conversation, refs = to_hf_conversation(body.messages)
     check_modalities(refs, getattr(engine, "modalities", ("image", "video")), engine.model_name)
     check_media_limits(refs, config.limit_mm_per_prompt)
-    images, videos = await load_media(refs, media)
-    # `videos` is passed only when present, so engines of image-only families need no video argument.
-    extra = {"videos": videos} if videos else {}
-    prompt = await render_prompt(
-        engine.render_chat(conversation, images, add_generation_prompt=body.add_generation_prompt,
-                           chat_template_kwargs=body.chat_template_kwargs, **extra),
-        param="messages",
-    )
-    prompt_len = len(prompt.prompt_token_ids)
-    params = build_sampling_params(body, defaults=engine.generation_defaults(), prompt_len=prompt_len,
-                                   max_model_len=engine.max_model_len)
-    ctx = ResponseContext.new("chatcmpl", engine.model_name)
-    outputs = generate_choices(engine, prompt, params, ctx.id)
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        chunks = _stream_chunks(ctx, outputs, params, prompt_len, include_usage, renderer)
-        return SSEResponse(guarded_stream(chunks, outputs))
-    return await run_unless_disconnected(request, _full_response(ctx, outputs, params, prompt_len, renderer))
+    # Counted and accounted from here (before any fetch) until the response ends.
+    with intake.admit(body.n or 1, [(r.kind, r.url) for r in refs]) as ticket:
+        # A client that leaves while its media load (a slow URL: up to --image-timeout-s) stops it.
+        loaded = await run_unless_disconnected(request, load_media(refs, media, ticket.hold))
+        ticket.media_loaded()
+        if isinstance(loaded, Response):
+            return loaded
+        images, videos = loaded
+        # `videos` is passed only when present, so engines of image-only families need no video argument.
+        extra = {"videos": videos} if videos else {}
+        prompt = await render_prompt(
+            engine.render_chat(conversation, images, add_generation_prompt=body.add_generation_prompt,
+                               chat_template_kwargs=body.chat_template_kwargs, **extra),
+            param="messages",
+        )
+        del images, videos, extra  # the decoded media: from here the request holds only its pixels
+        ticket.rendered(prompt)
+        prompt_len = len(prompt.prompt_token_ids)
+        params = build_sampling_params(body, defaults=engine.generation_defaults(), prompt_len=prompt_len,
+                                       max_model_len=engine.max_model_len)
+        record_request_params(request, params)
+        ctx = ResponseContext.new("chatcmpl", engine.model_name)
+        outputs = generate_choices(engine, prompt, params, ctx.id)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            chunks = _stream_chunks(ctx, outputs, params, prompt_len, include_usage, renderer)
+            return SSEResponse(guarded_stream(chunks, outputs), on_close=ticket.detach())
+        return await run_unless_disconnected(request, _full_response(ctx, outputs, params, prompt_len, renderer))
 
 
 async def _full_response(

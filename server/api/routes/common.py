@@ -30,18 +30,6 @@ class ResponseContext:
         return cls(id=f"{prefix}-{uuid.uuid4().hex}", model=model)
 
 
-def check_capacity(engine: EngineClient, max_pending: int) -> None:
-    """Admission control: past `max_pending` unfinished requests, shed load with a 503 and
-    Retry-After before fetching or decoding anything, instead of queueing without bound."""
-    pending = getattr(engine, "num_unfinished", 0)
-    if pending >= max_pending:
-        raise APIError(
-            f"the server is at capacity ({pending} requests in flight, --max-pending-requests {max_pending}); "
-            "retry after a short wait",
-            503, code="overloaded", type="server_error", headers={"Retry-After": "1"},
-        )
-
-
 def check_request(request: SamplingRequest, engine: EngineClient) -> None:
     """The checks that need no prompt: the model name and unsupported parameters."""
     if request.model != engine.model_name:

@@ -7,7 +7,8 @@ from typing import AsyncIterator
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from vlmserve.api.deps import ConfigDep, EngineDep, TokenRendererDep
+from vlmserve.api.load_gate import check_admission, record_request_params
+from vlmserve.api.deps import EngineDep, IntakeDep, TokenRendererDep
 from vlmserve.api.errors import APIError, internal_error
 from vlmserve.api.generation import (
     SSEResponse,
@@ -21,7 +22,6 @@ from vlmserve.api.logprobs import TokenRenderer
 from vlmserve.api.protocol import CompletionChoice, CompletionRequest, CompletionResponse
 from vlmserve.api.routes.common import (
     ResponseContext,
-    check_capacity,
     check_request,
     check_unicode,
     make_usage,
@@ -54,21 +54,23 @@ def single_prompt(prompt: str | list[int] | list[str]) -> str | list[int]:
 
 @router.post("/v1/completions", response_model=None)
 async def create_completion(
-    body: CompletionRequest, request: Request, engine: EngineDep, renderer: TokenRendererDep, config: ConfigDep,
+    body: CompletionRequest, request: Request, engine: EngineDep, renderer: TokenRendererDep, intake: IntakeDep,
 ) -> CompletionResponse | Response:
     check_request(body, engine)
-    check_capacity(engine, config.max_pending_requests)
-    prompt = await render_prompt(engine.render_completion(single_prompt(body.prompt)), param="prompt")
-    prompt_len = len(prompt.prompt_token_ids)
-    params = build_sampling_params(body, defaults=engine.generation_defaults(), prompt_len=prompt_len,
-                                   max_model_len=engine.max_model_len)
-    ctx = ResponseContext.new("cmpl", engine.model_name)
-    outputs = generate_choices(engine, prompt, params, ctx.id)
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        chunks = _stream_chunks(ctx, outputs, params, prompt_len, include_usage, renderer)
-        return SSEResponse(guarded_stream(chunks, outputs))
-    return await run_unless_disconnected(request, _full_response(ctx, outputs, params, prompt_len, renderer))
+    check_admission(request)
+    with intake.admit(body.n or 1, []) as ticket:  # counted from here until the response ends
+        prompt = await render_prompt(engine.render_completion(single_prompt(body.prompt)), param="prompt")
+        prompt_len = len(prompt.prompt_token_ids)
+        params = build_sampling_params(body, defaults=engine.generation_defaults(), prompt_len=prompt_len,
+                                       max_model_len=engine.max_model_len)
+        record_request_params(request, params)
+        ctx = ResponseContext.new("cmpl", engine.model_name)
+        outputs = generate_choices(engine, prompt, params, ctx.id)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            chunks = _stream_chunks(ctx, outputs, params, prompt_len, include_usage, renderer)
+            return SSEResponse(guarded_stream(chunks, outputs), on_close=ticket.detach())
+        return await run_unless_disconnected(request, _full_response(ctx, outputs, params, prompt_len, renderer))
 
 
 async def _full_response(

@@ -17,6 +17,8 @@ from PIL import Image
 from vlmserve.api.errors import APIError
 from vlmserve.api.protocol import ChatMessage, ImagePart, MediaURL, OtherPart, TextPart, VideoPart
 from vlmserve.api.routes.common import check_unicode
+from vlmserve.api.intake import media_memory_error
+from vlmserve.multimodal.budget import MediaHold, MediaMemoryExceeded
 from vlmserve.multimodal.media import MediaError, MediaLoader
 
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -82,25 +84,30 @@ def _media_error(exc: MediaError, ref: MediaRef) -> APIError:
     return APIError(f"{ref.param}: {exc}", exc.status_code, param=ref.param)
 
 
-async def _load_one(loader: MediaLoader, ref: MediaRef) -> Any:
+async def _load_one(loader: MediaLoader, ref: MediaRef, hold: MediaHold | None, key: str) -> Any:
+    accounted = () if hold is None else (hold, key)
     try:
         if ref.kind == "image":
-            return await loader.load_image(ref.url)
-        return await loader.load_video(ref.url)  # type: ignore[attr-defined]
+            return await loader.load_image(ref.url, *accounted)
+        return await loader.load_video(ref.url, *accounted)  # type: ignore[attr-defined]
     except MediaError as e:
         raise _media_error(e, ref) from None
+    except MediaMemoryExceeded as e:
+        raise media_memory_error(e) from None
 
 
-async def load_media(refs: list[MediaRef], loader: MediaLoader) -> tuple[list[Image.Image], list[Any]]:
+async def load_media(refs: list[MediaRef], loader: MediaLoader,
+                     hold: MediaHold | None = None) -> tuple[list[Image.Image], list[Any]]:
     """Loads every reference concurrently; returns (images, videos), each in prompt order.
-    The first failure cancels the other loads and becomes the error answered."""
+    The first failure cancels the other loads and becomes the error answered. With `hold`,
+    the i-th reference is accounted under the key str(i) (`vlmserve.api.intake`)."""
     if any(r.kind == "video" for r in refs) and not hasattr(loader, "load_video"):
         first = next(r for r in refs if r.kind == "video")
         raise APIError("video_url input is not supported yet; send sampled frames as image_url parts",
                        param=first.param)
     if not refs:
         return [], []
-    tasks = [asyncio.ensure_future(_load_one(loader, ref)) for ref in refs]
+    tasks = [asyncio.ensure_future(_load_one(loader, ref, hold, str(i))) for i, ref in enumerate(refs)]
     try:
         results = await asyncio.gather(*tasks)
     except BaseException:

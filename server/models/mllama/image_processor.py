@@ -12,6 +12,14 @@ backend, `MllamaImageProcessorPil`, which is what it resolves to without torchvi
   aspect_ratio_id = 1 + index of (rows, cols) in the arrangement list (0 is "no image").
 
 Steps 4's arithmetic is one float32 table per channel (bit-identical to transformers').
+The padding is level 0 *before* normalising (transformers pads, then rescales and
+normalises), so it normalises to (0 - mean) / std, not 0; tiles past an image's count are
+zeros after normalising (transformers' packing).
+
+What crosses to the engine: the padded uint8 canvas and the table (`lut`), a quarter of the
+float32 tiles' bytes; the model normalises and tiles it on its device
+(`kernels.normalize_patchify`). `TiledImage.pixel_values` computes the float32 tiles on the
+CPU (tests, transformers).
 """
 
 from __future__ import annotations
@@ -63,16 +71,33 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
+def normalized_tiles(canvas: np.ndarray, lut: np.ndarray, rows: int, cols: int) -> torch.Tensor:
+    """uint8 canvas [rows * t, cols * t, 3] → float32 [rows * cols, 3, t, t] through the table:
+    tiles row-major (the reference of what the model computes on its device)."""
+    t = canvas.shape[0] // rows
+    x = np.empty((3, *canvas.shape[:2]), dtype=np.float32)
+    for ch in range(3):
+        np.take(lut[ch], canvas[..., ch], out=x[ch])
+    # [3, rows, t, cols, t] → [rows, cols, 3, t, t]: tiles row-major.
+    tiles = x.reshape(3, rows, t, cols, t).transpose(1, 3, 0, 2, 4).reshape(rows * cols, 3, t, t)
+    return torch.from_numpy(np.ascontiguousarray(tiles))
+
+
 @dataclass(frozen=True)
 class TiledImage:
-    pixel_values: torch.Tensor  # float32 [num_tiles, 3, tile, tile], normalised
     aspect_ratio: tuple[int, int]  # (rows, cols) of tiles
     aspect_ratio_id: int  # 1-based
     canvas: np.ndarray  # uint8 [rows * tile, cols * tile, 3]: resized and padded, before normalising
+    lut: np.ndarray  # float32 [3, 256]: level v of channel c normalises to lut[c, v]
 
     @property
     def num_tiles(self) -> int:
         return self.aspect_ratio[0] * self.aspect_ratio[1]
+
+    @property
+    def pixel_values(self) -> torch.Tensor:
+        """float32 [num_tiles, 3, tile, tile], normalised (computed on each access)."""
+        return normalized_tiles(self.canvas, self.lut, *self.aspect_ratio)
 
 
 @dataclass(frozen=True)
@@ -130,18 +155,12 @@ class MllamaImageProcessor:
         resized = np.asarray(image.resize((new_w, new_h), resample=self.resample))
         canvas = np.zeros((canvas_h, canvas_w, 3), dtype=np.uint8)
         canvas[:new_h, :new_w] = resized
-        rows, cols = canvas_h // t, canvas_w // t
-        x = np.empty((3, canvas_h, canvas_w), dtype=np.float32)
-        for ch in range(3):
-            np.take(self._lut[ch], canvas[..., ch], out=x[ch])
-        # [3, rows, t, cols, t] → [rows, cols, 3, t, t]: tiles row-major.
-        tiles = x.reshape(3, rows, t, cols, t).transpose(1, 3, 0, 2, 4).reshape(rows * cols, 3, t, t)
-        ratio = (rows, cols)
+        ratio = (canvas_h // t, canvas_w // t)
         return TiledImage(
-            pixel_values=torch.from_numpy(np.ascontiguousarray(tiles)),
             aspect_ratio=ratio,
             aspect_ratio_id=supported_arrangements(self.max_image_tiles).index(ratio) + 1,
             canvas=canvas,
+            lut=self._lut,
         )
 
     def content_hash(self, tiled: TiledImage) -> str:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import re
 from typing import Iterable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -41,6 +42,7 @@ from vlmserve.models.layers.parallel import (
     SINGLE, ColumnParallelLinear, ParallelLMHead, RowParallelLinear, TPGroup, VocabParallelEmbedding, divide,
     even_split, kv_head_split, local_kv_heads, parallel_logits,
 )
+from vlmserve.models.layers.pixels import DeviceLuts, uint8_tensor
 from vlmserve.models.layers.rotary import rope_cos_sin, scaled_rope_inv_freq
 from vlmserve.models.layers.weights import IGNORED_SUFFIXES, WeightLoadTracker
 from vlmserve.models.mllama.config import MllamaModelConfig
@@ -159,6 +161,7 @@ class MllamaForConditionalGeneration(nn.Module):
         self.language_model = MllamaTextModel(config, dtype, meta, tp)
         self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size, tp, dtype, meta)
         self.to_empty(device=device)
+        self._luts = DeviceLuts()
         inv_freq = scaled_rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling, device)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
@@ -181,15 +184,13 @@ class MllamaForConditionalGeneration(nn.Module):
         pixels, ratio_ids, num_tiles = [], [], []
         for item in items:
             data = item.data
-            if not {"pixel_values", "aspect_ratio_id", "num_tiles"} <= set(data):
+            if not {"pixels", "lut", "aspect_ratio", "aspect_ratio_id", "num_tiles"} <= set(data):
                 raise ValueError(
-                    f"image item {item.content_hash[:16]}: data must hold pixel_values, aspect_ratio_id and num_tiles "
-                    f"(the Mllama processor's output), got keys {sorted(data)}"
+                    f"image item {item.content_hash[:16]}: data must hold pixels, lut, aspect_ratio, aspect_ratio_id "
+                    f"and num_tiles (the Mllama processor's output), got keys {sorted(data)}"
                 )
-            pv = torch.as_tensor(data["pixel_values"])
+            pv = self._tiles(item)
             n = int(data["num_tiles"])
-            if pv.shape != (n, vcfg.num_channels, vcfg.image_size, vcfg.image_size) or not 1 <= n <= vcfg.max_num_tiles:
-                raise ValueError(f"image item {item.content_hash[:16]}: pixel_values {tuple(pv.shape)} for {n} tiles")
             if item.cross_attn_tokens != vcfg.rows_per_image:
                 raise ValueError(
                     f"image item {item.content_hash[:16]} declares {item.cross_attn_tokens} cross rows, "
@@ -203,6 +204,29 @@ class MllamaForConditionalGeneration(nn.Module):
         )  # [B, T, P, vision_output_dim]
         rows = self.multi_modal_projector(features.to(self.multi_modal_projector.weight.dtype))
         return list(rows.flatten(1, 2).unbind(0))
+
+    def _tiles(self, item: MultiModalItem) -> torch.Tensor:
+        """The item's uint8 canvas [rows * S, cols * S, 3] → normalised tiles [rows * cols, 3, S, S]
+        in the tower's dtype, on the device: `kernels.normalize_patchify` over the canvas in
+        the tower's own P x P patches (a layout its Triton kernel tiles well), then a permute of
+        those patches into tiles. Bit-identical to the processor's float32 tiles cast."""
+        vcfg, data = self.config.vision, item.data
+        s, p = vcfg.image_size, vcfg.patch_size
+        rows, cols = (int(r) for r in data["aspect_ratio"])
+        canvas = np.asarray(data["pixels"])
+        if (canvas.dtype != np.uint8 or canvas.shape != (rows * s, cols * s, 3) or rows * cols != int(data["num_tiles"])
+                or not 1 <= rows * cols <= vcfg.max_num_tiles or s % p):
+            raise ValueError(
+                f"image item {item.content_hash[:16]}: pixels must be uint8 [{rows * s}, {cols * s}, 3] for "
+                f"{rows}x{cols} tiles of {s} px ({data['num_tiles']} tiles), got {canvas.dtype} {list(canvas.shape)}"
+            )
+        dtype = self.vision_model.patch_embedding.weight.dtype
+        lut = self._luts.get(data["lut"], self.device)
+        patches = kernels.normalize_patchify(uint8_tensor(canvas).to(self.device), lut, p, 1, 1, "patches", dtype)
+        g = s // p  # patches per tile side
+        # [rows, g, cols, g, 3, p, p] → [rows, cols, 3, g, p, g, p]: tile, channel, pixel row, pixel col.
+        tiles = patches.view(rows, g, cols, g, 3, p, p).permute(0, 2, 4, 1, 5, 3, 6)
+        return tiles.reshape(rows * cols, 3, s, s)
 
     def write_cross_kv(
         self,

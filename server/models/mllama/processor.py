@@ -29,7 +29,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from vlmserve.models.mllama.image_processor import MllamaImageProcessor
+import torch
+
+from vlmserve.models.mllama.image_processor import MllamaImageProcessor, normalized_tiles
 from vlmserve.models.tokenizer import encode_prompt, load_tokenizer, render_chat
 from vlmserve.multimodal.inputs import MultiModalItem, ProcessedPrompt
 
@@ -87,6 +89,14 @@ def cross_row_positions(real_rows: list[int], rows_per_image: int) -> np.ndarray
 
 def item_real_rows(item: MultiModalItem, num_patches: int) -> int:
     return int(item.data["num_tiles"]) * num_patches
+
+
+def mllama_pixel_values(item: MultiModalItem) -> torch.Tensor:
+    """float32 [num_tiles, 3, tile, tile]: an item's normalised tiles on the CPU, as
+    `embed_multimodal` computes them on its device; bit-identical to transformers'
+    `pixel_values[..., :num_tiles]` for the image."""
+    data = item.data
+    return normalized_tiles(np.asarray(data["pixels"]), np.asarray(data["lut"]), *data["aspect_ratio"])
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -194,7 +204,9 @@ class MllamaProcessor:
             offset=offset,
             length=1,
             data={
-                "pixel_values": tiled.pixel_values,
+                "pixels": tiled.canvas,  # uint8 [rows * tile, cols * tile, 3], padded with level 0
+                "lut": tiled.lut,
+                "aspect_ratio": tiled.aspect_ratio,
                 "aspect_ratio_id": tiled.aspect_ratio_id,
                 "num_tiles": tiled.num_tiles,
             },

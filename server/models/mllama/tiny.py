@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from vlmserve.models.mllama.chat_template import LLAMA_3_2_VISION_CHAT_TEMPLATE
+from vlmserve.models.tiny_options import check_tiny_options, padded_vocab_size
 
 # Llama 3's first special tokens, in their published order (ids follow the BPE vocabulary).
 SPECIAL_TOKENS = (
@@ -216,13 +217,40 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def make_tiny_mllama(out_dir: str | Path, seed: int = 0) -> Path:
-    """Write the tiny checkpoint into `out_dir` (created if missing) and return its path."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+def _generation_config(ids: dict[str, int], which: str) -> dict[str, Any]:
+    """"published": meta-llama/Llama-3.2-11B-Vision-Instruct's sampling defaults, temperature
+    0.6 and top_p 0.9, as its Llama 3.1/3.2 instruct siblings publish them (e.g. the
+    byte-for-byte copy of Llama-3.1-8B-Instruct's file, unsloth/Meta-Llama-3.1-8B-Instruct:
+    do_sample true, temperature 0.6, top_p 0.9; the gated meta-llama file was not readable from
+    here, so this is the family's value rather than a byte copy). "greedy": the token ids only."""
+    ids_only = {
+        "bos_token_id": ids["<|begin_of_text|>"],
+        "eos_token_id": [ids["<|end_of_text|>"], ids["<|eom_id|>"], ids["<|eot_id|>"]],
+        "pad_token_id": ids["<|finetune_right_pad_id|>"],
+        "transformers_version": "4.45.0.dev0",
+    }
+    if which == "greedy":
+        return ids_only
+    return {**ids_only, "do_sample": True, "temperature": 0.6, "top_p": 0.9}
+
+
+def make_tiny_mllama(
+    out_dir: str | Path, seed: int = 0, vocab_size: int | None = None, generation_config: str = "published"
+) -> Path:
+    """Write the tiny checkpoint into `out_dir` (created if missing) and return its path.
+
+    `vocab_size`: LM-head rows (default: the text vocabulary, so `<|image|>` is the id right
+    after it, as published; 128256 is the real size). When larger, `<|image|>` keeps its
+    tokenizer id inside the rows and its LM-head row, like every padding row past the
+    tokenizer, is 0, so greedy decoding never emits it."""
+    check_tiny_options(generation_config)
     tok = build_tokenizer()
     ids = {t: tok.token_to_id(t) for t in (*SPECIAL_TOKENS, IMAGE_TOKEN)}
-    vocab_size = ids[IMAGE_TOKEN]  # the text vocabulary ends right before <|image|>
+    # The text vocabulary ends right before <|image|>.
+    num_text_tokens = ids[IMAGE_TOKEN]
+    vocab_size = padded_vocab_size(num_text_tokens, vocab_size)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     tok.save(str(out / "tokenizer.json"), pretty=True)
     _write_json(out / "tokenizer_config.json", _tokenizer_config(ids))
     _write_json(out / "chat_template.json", {"chat_template": LLAMA_3_2_VISION_CHAT_TEMPLATE})
@@ -230,12 +258,7 @@ def make_tiny_mllama(out_dir: str | Path, seed: int = 0) -> Path:
         "bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "pad_token": "<|finetune_right_pad_id|>",
     })
     _write_json(out / "config.json", _config(ids, vocab_size))
-    _write_json(out / "generation_config.json", {
-        "bos_token_id": ids["<|begin_of_text|>"], "do_sample": True,
-        "eos_token_id": [ids["<|end_of_text|>"], ids["<|eom_id|>"], ids["<|eot_id|>"]],
-        "pad_token_id": ids["<|finetune_right_pad_id|>"], "temperature": 0.6, "top_p": 0.9,
-        "transformers_version": "4.45.0.dev0",
-    })
+    _write_json(out / "generation_config.json", _generation_config(ids, generation_config))
     _write_json(out / "preprocessor_config.json", {
         "do_convert_rgb": True, "do_normalize": True, "do_pad": True, "do_rescale": True, "do_resize": True,
         "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_processor_type": "MllamaImageProcessor",
@@ -244,5 +267,6 @@ def make_tiny_mllama(out_dir: str | Path, seed: int = 0) -> Path:
         "size": {"height": _VISION["tile"], "width": _VISION["tile"]},
     })
     weights = _weights(vocab_size + 8, vocab_size, seed)
+    weights["language_model.lm_head.weight"][num_text_tokens:] = 0.0
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
     return out

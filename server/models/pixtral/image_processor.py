@@ -14,7 +14,18 @@ They differ in the details, so each format matches its own reference exactly:
   repeated), reproduced here with numpy as two separable matmuls; then x / 255, - mean, / std.
 
 Images with transparency are composited over white first (both references do).
-Output: float32 [3, rows * P, cols * P] and the grid (rows, cols).
+
+What crosses to the engine ("hf"): the resized uint8 pixels [rows * P, cols * P, 3] and the
+float32 [3, 256] table of the normalisation (`lut`); the model normalises and patchifies them
+on its device (`kernels.normalize_patchify`, layout "patches"): bit-identical to
+transformers' float32 output, a quarter of its bytes. `preprocess` gives the float32
+[3, rows * P, cols * P] on the CPU (the reference's output, for tests and transformers).
+"mistral": OpenCV's cubic resize runs on float pixels and is not clipped, so its output is
+not uint8 and rounding it would move the model's inputs off mistral-common's. What crosses
+is whichever of the two exact inputs has fewer bytes (`mistral_input`): the uint8 source
+image [H, W, 3], resized and normalised beside the tower (`mistral_resize_normalize`, two
+float32 matmuls; images up to twice the longest edge a side), or, for larger sources, the
+float32 [3, rows * P, cols * P] result itself (at most longest_edge² * 12 bytes).
 """
 
 from __future__ import annotations
@@ -62,6 +73,22 @@ def cubic_resize_matrix(src: int, dst: int) -> np.ndarray:
     for k, w in enumerate((w0, w1, w2, w3)):
         np.add.at(m, (rows, np.clip(sx.astype(np.int64) + k - 1, 0, src - 1)), w)
     return m
+
+
+def mistral_resize_normalize(src: torch.Tensor, height: int, width: int, mean: tuple[float, ...],
+                             std: tuple[float, ...]) -> torch.Tensor:
+    """uint8 [H, W, 3] (any device) → float32 [3, height, width]: OpenCV's INTER_CUBIC on float
+    pixels (rows first, then columns, unclipped), then x / 255, - mean, / std in float32, as
+    mistral-common's `transform_image`. Runs where `src` lives."""
+    H, W = src.shape[:2]
+    dev = src.device
+    ys = torch.from_numpy(cubic_resize_matrix(H, height).astype(np.float32)).to(dev)  # [h, H]
+    xs = torch.from_numpy(cubic_resize_matrix(W, width).astype(np.float32)).to(dev)  # [w, W]
+    rows_done = ys @ src.to(torch.float32).reshape(H, W * 3)  # [h, W * 3]
+    resized = rows_done.reshape(height, W, 3).permute(2, 0, 1) @ xs.T  # [3, h, w]
+    m = torch.tensor(mean, dtype=torch.float32, device=dev).view(3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=dev).view(3, 1, 1)
+    return (resized / 255.0 - m) / s
 
 
 @dataclass(frozen=True)
@@ -145,33 +172,57 @@ class PixtralImageProcessor:
         rows, cols = self.patch_grid(height, width)
         return rows * (cols + 1)
 
-    def preprocess(self, image: Image.Image) -> tuple[torch.Tensor, tuple[int, int]]:
-        """Any PIL image → (pixel_values float32 [3, rows * P, cols * P], (rows, cols))."""
+    @property
+    def lut(self) -> np.ndarray:
+        """float32 [3, 256], read-only: pixel level v of channel c normalises to lut[c, v]."""
+        return self._lut
+
+    def resize(self, image: Image.Image) -> tuple[np.ndarray, tuple[int, int]]:
+        """"hf" mode: any PIL image → (uint8 [rows * P, cols * P, 3] resized, (rows, cols))."""
+        if self.mode != "hf":
+            raise ValueError("resize() is the hf mode's; the mistral mode resizes in float (preprocess)")
         image = to_rgb(image)
         rows, cols = self.patch_grid(image.height, image.width)
         h, w = rows * self.patch_size, cols * self.patch_size
+        return np.asarray(image.resize((w, h), resample=self.resample)), (rows, cols)
+
+    def normalize(self, pixels: np.ndarray) -> torch.Tensor:
+        """uint8 [h, w, 3] → float32 [3, h, w] through the table (what the model computes)."""
+        x = np.empty((3, *pixels.shape[:2]), dtype=np.float32)
+        for ch in range(3):
+            np.take(self._lut[ch], pixels[..., ch], out=x[ch])
+        return torch.from_numpy(x)
+
+    def preprocess(self, image: Image.Image) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Any PIL image → (pixel_values float32 [3, rows * P, cols * P], (rows, cols))."""
         if self.mode == "hf":
-            pixels = np.asarray(image.resize((w, h), resample=self.resample))  # uint8 [h, w, 3]
-            x = np.empty((3, h, w), dtype=np.float32)
-            for ch in range(3):
-                np.take(self._lut[ch], pixels[..., ch], out=x[ch])
-            return torch.from_numpy(x), (rows, cols)
-        src = np.asarray(image, dtype=np.float32)  # [H, W, 3]
-        ys = cubic_resize_matrix(src.shape[0], h).astype(np.float32)  # [h, H]
-        xs = cubic_resize_matrix(src.shape[1], w).astype(np.float32)  # [w, W]
-        cols_done = ys @ src.reshape(src.shape[0], -1)  # [h, W * 3]: rows resized first
-        resized = (cols_done.reshape(h, src.shape[1], 3).transpose(2, 0, 1) @ xs.T)  # [3, h, w]
-        # Unclipped, like OpenCV on float input.
-        mean = np.asarray(self.image_mean, dtype=np.float32)[:, None, None]
-        std = np.asarray(self.image_std, dtype=np.float32)[:, None, None]
-        return torch.from_numpy((resized / np.float32(255.0) - mean) / std), (rows, cols)
+            pixels, grid = self.resize(image)
+            return self.normalize(pixels), grid
+        image = to_rgb(image)
+        rows, cols = self.patch_grid(image.height, image.width)
+        src = torch.from_numpy(np.array(image, dtype=np.uint8))  # [H, W, 3], a writable copy
+        p = self.patch_size
+        return mistral_resize_normalize(src, rows * p, cols * p, self.image_mean, self.image_std), (rows, cols)
+
+    def mistral_input(self, image: Image.Image) -> tuple[np.ndarray, tuple[int, int]]:
+        """"mistral" mode: what crosses to the engine, the fewer bytes of two exact forms: the
+        uint8 source [H, W, 3] (the model resizes it, `mistral_resize_normalize`) or the
+        float32 [3, rows * P, cols * P] result; and (rows, cols)."""
+        image = to_rgb(image)
+        rows, cols = self.patch_grid(image.height, image.width)
+        if image.width * image.height * 3 <= rows * cols * self.patch_size**2 * 3 * 4:
+            return np.asarray(image), (rows, cols)
+        pixel_values, grid = self.preprocess(image)
+        return pixel_values.numpy(), grid
 
     def content_hash(self, pixel_values: torch.Tensor | np.ndarray) -> str:
-        """sha256 (hex) of the preprocessed float32 [3, H, W] pixels (what the encoder sees) and
-        every setting: equal hashes mean equal encoder inputs."""
-        x = np.ascontiguousarray(np.asarray(pixel_values, dtype=np.float32))
+        """sha256 (hex) of what the encoder is given (uint8 [h, w, 3] resized pixels, or the
+        preprocessed float32 [3, h, w]) and every setting: equal hashes mean equal encoder inputs."""
+        x = np.ascontiguousarray(np.asarray(pixel_values))
+        if x.dtype != np.uint8:
+            x = x.astype(np.float32, copy=False)
         h = hashlib.sha256(b"pixtral-image")
-        h.update(repr(x.shape).encode())
+        h.update(repr((x.dtype.str, x.shape)).encode())
         h.update(self.settings_key().encode())
         h.update(x.tobytes())
         return h.hexdigest()

@@ -109,7 +109,8 @@ def load_mistral_tokenizer(model_dir: str | Path) -> Any:
 
 class _ImageEncoder:
     """Stands in for mistral-common's `ImageEncoder` (same call, same token layout), with our
-    preprocessing: the image it returns is our float32 [3, rows * P, cols * P] array."""
+    preprocessing: the image it returns is `PixtralImageProcessor.mistral_input`'s array (uint8
+    [H, W, 3] source or float32 [3, rows * P, cols * P])."""
 
     def __init__(self, processor: PixtralImageProcessor, img: int, img_break: int, img_end: int) -> None:
         self.processor = processor
@@ -118,10 +119,10 @@ class _ImageEncoder:
     def __call__(self, chunk: Any) -> Any:
         from mistral_common.tokens.tokenizers.image import ImageEncoding, image_from_chunk
 
-        pixel_values, (rows, cols) = self.processor.preprocess(image_from_chunk(chunk))
+        array, (rows, cols) = self.processor.mistral_input(image_from_chunk(chunk))
         tokens = ([self.img] * cols + [self.img_break]) * rows
         tokens[-1] = self.img_end
-        return ImageEncoding(tokens=tokens, image=pixel_values.numpy())
+        return ImageEncoding(tokens=tokens, image=array)
 
 
 def install_image_encoder(

@@ -15,17 +15,21 @@ import logging
 import re
 from typing import Iterable
 
+import numpy as np
 import torch
 from torch import nn
 
+from vlmserve import kernels
 from vlmserve.models.interfaces import KVCacheSpec
 from vlmserve.models.layers.decoder import TextDecoder
 from vlmserve.models.layers.parallel import SINGLE, ParallelLMHead, TPGroup, local_kv_heads, parallel_logits
+from vlmserve.models.layers.pixels import DeviceLuts, uint8_tensor
 from vlmserve.models.layers.rotary import rope_cos_sin, scaled_rope_inv_freq
 from vlmserve.models.layers.weights import IGNORED_SUFFIXES, WeightLoadTracker
 from vlmserve.models.pixtral.config import PixtralModelConfig
+from vlmserve.models.pixtral.image_processor import mistral_resize_normalize
 from vlmserve.models.pixtral.mistral_format import is_mistral_weight_name, mistral_to_hf_weight
-from vlmserve.models.pixtral.vision import LlavaMultiModalProjector, PixtralVisionModel
+from vlmserve.models.pixtral.vision import LlavaMultiModalProjector, PixtralVisionModel, patchify
 from vlmserve.multimodal.inputs import MultiModalItem
 from vlmserve.runner.forward_batch import ForwardBatch
 
@@ -64,6 +68,7 @@ class PixtralForConditionalGeneration(nn.Module):
         if not config.tie_word_embeddings:
             self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size, tp, dtype, meta)
         self.to_empty(device=device)
+        self._luts = DeviceLuts()
 
     @property
     def device(self) -> torch.device:
@@ -76,33 +81,59 @@ class PixtralForConditionalGeneration(nn.Module):
 
     def embed_multimodal(self, items: list[MultiModalItem]) -> list[torch.Tensor]:
         """All images in one vision batch; item i gets rows * cols rows [n_i, hidden], one per
-        `[IMG]` position of its range (row-major over its patch grid)."""
+        `[IMG]` position of its range (row-major over its patch grid).
+
+        HF-format items carry resized uint8 pixels [rows * P, cols * P, 3] and their table
+        (`lut`): uploaded as bytes, normalised and patchified here by
+        `kernels.normalize_patchify` (layout "patches", Triton on CUDA) straight into the
+        tower's dtype. Mistral-format items carry the uint8 source, resized and normalised here
+        (`mistral_resize_normalize`), or, for sources larger than that result, float32
+        `pixel_values` [3, rows * P, cols * P]."""
         if not items:
             return []
         p = self.config.vision.patch_size
-        pixels, grids = [], []
+        w = self.vision_tower.patch_conv.weight
+        patches, grids = [], []
         for item in items:
-            if "pixel_values" not in item.data or "patch_grid" not in item.data:
+            data, what = item.data, f"image item {item.content_hash[:16]}"
+            forms = ({"pixels", "lut"}, {"source_pixels", "patch_size", "mistral_norm"}, {"pixel_values"})
+            if "patch_grid" not in data or not any(f <= set(data) for f in forms):
                 raise ValueError(
-                    f"image item {item.content_hash[:16]}: data must hold 'pixel_values' and 'patch_grid' "
-                    f"(the Pixtral processor's output), got keys {sorted(item.data)}"
+                    f"{what}: data must hold 'patch_grid' and 'pixels' + 'lut' (or 'source_pixels' + 'patch_size' + "
+                    f"'mistral_norm', or 'pixel_values'), the Pixtral processor's output; got keys {sorted(data)}"
                 )
-            rows, cols = (int(g) for g in item.data["patch_grid"])
-            pv = torch.as_tensor(item.data["pixel_values"])
-            if pv.shape != (self.config.vision.num_channels, rows * p, cols * p):
-                raise ValueError(
-                    f"image item {item.content_hash[:16]}: pixel_values must be "
-                    f"[{self.config.vision.num_channels}, {rows * p}, {cols * p}] for patch grid {(rows, cols)}, "
-                    f"got {tuple(pv.shape)}"
-                )
+            rows, cols = (int(g) for g in data["patch_grid"])
             if item.num_embeds != rows * cols:
                 raise ValueError(
-                    f"image item {item.content_hash[:16]} marks {item.num_embeds} [IMG] positions but its patch grid "
-                    f"{rows}x{cols} gives {rows * cols} rows"
+                    f"{what} marks {item.num_embeds} [IMG] positions but its patch grid {rows}x{cols} gives "
+                    f"{rows * cols} rows"
                 )
-            pixels.append(pv)
+            if "pixels" in data:
+                pixels = np.asarray(data["pixels"])
+                if pixels.dtype != np.uint8 or pixels.shape != (rows * p, cols * p, 3):
+                    raise ValueError(f"{what}: pixels must be uint8 [{rows * p}, {cols * p}, 3] for patch grid "
+                                     f"{(rows, cols)}, got {pixels.dtype} {list(pixels.shape)}")
+                lut = self._luts.get(data["lut"], w.device)
+                patches.append(kernels.normalize_patchify(uint8_tensor(pixels).to(w.device), lut, p, 1, 1,
+                                                          "patches", w.dtype))
+            elif "source_pixels" in data:  # Mistral format: OpenCV's float resize, here on the device
+                src = np.asarray(data["source_pixels"])
+                if src.dtype != np.uint8 or src.ndim != 3 or src.shape[2] != 3 or int(data["patch_size"]) != p:
+                    raise ValueError(f"{what}: source_pixels must be uint8 [H, W, 3] for patch size {p}, got "
+                                     f"{src.dtype} {list(src.shape)} for patch size {data['patch_size']}")
+                mean, std = data["mistral_norm"]
+                pv = mistral_resize_normalize(uint8_tensor(src).to(w.device), rows * p, cols * p, mean, std)
+                patches.append(patchify(pv.to(w.dtype), p))
+            else:
+                pv = torch.as_tensor(data["pixel_values"])
+                if pv.shape != (self.config.vision.num_channels, rows * p, cols * p):
+                    raise ValueError(
+                        f"{what}: pixel_values must be [{self.config.vision.num_channels}, {rows * p}, {cols * p}] "
+                        f"for patch grid {(rows, cols)}, got {tuple(pv.shape)}"
+                    )
+                patches.append(patchify(pv.to(device=w.device, dtype=w.dtype), p))
             grids.append((rows, cols))
-        features = self.multi_modal_projector(self.vision_tower(pixels, grids))
+        features = self.multi_modal_projector(self.vision_tower.forward_patches(torch.cat(patches), grids))
         return list(features.split([r * c for r, c in grids]))
 
     def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:

@@ -25,13 +25,33 @@ import torch
 from PIL import Image
 
 from vlmserve.models.pixtral import mistral_format
-from vlmserve.models.pixtral.image_processor import PixtralImageProcessor
+from vlmserve.models.layers.pixels import uint8_tensor
+from vlmserve.models.pixtral.image_processor import PixtralImageProcessor, mistral_resize_normalize
 from vlmserve.models.tokenizer import encode_prompt, load_tokenizer, render_chat
 from vlmserve.multimodal.inputs import MultiModalItem, ProcessedPrompt
 
 
 def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def pixtral_pixel_values(item: MultiModalItem) -> torch.Tensor:
+    """float32 [3, rows * P, cols * P]: an item's normalised pixels on the CPU, as
+    `embed_multimodal` computes them on its device (before patchifying). For the HF format,
+    bit-identical to transformers' `PixtralImageProcessor` output for the image."""
+    data = item.data
+    if "pixel_values" in data:
+        return torch.as_tensor(data["pixel_values"])
+    if "source_pixels" in data:
+        rows, cols = data["patch_grid"]
+        p, (mean, std) = data["patch_size"], data["mistral_norm"]
+        return mistral_resize_normalize(uint8_tensor(np.asarray(data["source_pixels"])), rows * p, cols * p, mean, std)
+    lut = np.asarray(data["lut"])
+    pixels = np.asarray(data["pixels"])
+    x = np.empty((3, *pixels.shape[:2]), dtype=np.float32)
+    for ch in range(3):
+        np.take(lut[ch], pixels[..., ch], out=x[ch])
+    return torch.from_numpy(x)
 
 
 def image_layout(rows: int, cols: int, img: int, img_break: int, img_end: int) -> list[int]:
@@ -163,7 +183,7 @@ class PixtralProcessor:
             if chat_template_kwargs:
                 raise ValueError("chat_template_kwargs do not apply to Mistral-format checkpoints (no chat template)")
             ids, arrays = mistral_format.encode_chat(self._mistral, conversation, images, add_generation_prompt)
-            items = self._items_from_layout(ids, [torch.from_numpy(np.asarray(a)) for a in arrays])
+            items = self._items_from_layout(ids, [np.asarray(a) for a in arrays])
             return ProcessedPrompt(prompt_token_ids=ids, mm_items=items, prompt_text=None)
 
         text = render_chat(self.tokenizer, conversation, add_generation_prompt, chat_template_kwargs)
@@ -179,32 +199,46 @@ class PixtralProcessor:
         cursor = 0
         for placeholder, image in zip(placeholders, images):
             prompt_ids.extend(ids[cursor:placeholder])
-            pixel_values, (rows, cols) = self.image_processor.preprocess(image)
+            pixels, (rows, cols) = self.image_processor.resize(image)
             layout = image_layout(rows, cols, *self._special_ids)
-            items.append(self._item(len(prompt_ids), layout, pixel_values, (rows, cols)))
+            items.append(self._item(len(prompt_ids), layout, pixels, (rows, cols)))
             prompt_ids.extend(layout)
             cursor = placeholder + 1
         prompt_ids.extend(ids[cursor:])
         return ProcessedPrompt(prompt_token_ids=prompt_ids, mm_items=items, prompt_text=text)
 
-    def _item(self, offset: int, layout: list[int], pixel_values: torch.Tensor, grid: tuple[int, int]) -> MultiModalItem:
+    def _item(self, offset: int, layout: list[int], pixels: np.ndarray, grid: tuple[int, int]) -> MultiModalItem:
+        """HF format: `pixels` uint8 [rows * P, cols * P, 3], shipped with the table (`lut`).
+        Mistral format: the uint8 source `source_pixels` [H, W, 3] with the normalisation's
+        mean and std (`mistral_norm`), or float32 `pixel_values` [3, rows * P, cols * P]."""
+        ip = self.image_processor
+        if pixels.dtype != np.uint8:
+            data = {"pixel_values": torch.from_numpy(pixels), "patch_grid": grid}
+        elif self.mistral_format:
+            data = {"source_pixels": pixels, "patch_grid": grid, "patch_size": ip.patch_size,
+                    "mistral_norm": (ip.image_mean, ip.image_std)}
+        else:
+            data = {"pixels": pixels, "patch_grid": grid, "lut": ip.lut}
         return MultiModalItem(
             modality="image",
-            content_hash=self.image_processor.content_hash(pixel_values),
+            content_hash=self.image_processor.content_hash(pixels),
             offset=offset,
             length=len(layout),
-            data={"pixel_values": pixel_values, "patch_grid": grid},
+            data=data,
             is_embed=np.asarray(layout) == self.image_token_id,
         )
 
-    def _items_from_layout(self, ids: list[int], pixel_values: list[torch.Tensor]) -> list[MultiModalItem]:
+    def _items_from_layout(self, ids: list[int], arrays: list[np.ndarray]) -> list[MultiModalItem]:
         """Items of a prompt whose images are already laid out (mistral-common's output): the
         k-th image range starts at the k-th run of image tokens."""
         p = self.image_processor.patch_size
         items, cursor = [], 0
         image_ids = set(self._special_ids)
-        for pv in pixel_values:
-            grid = (pv.shape[1] // p, pv.shape[2] // p)
+        for pv in arrays:
+            if pv.dtype == np.uint8:  # the source [H, W, 3]
+                grid = self.image_processor.patch_grid(pv.shape[0], pv.shape[1])
+            else:  # the result [3, rows * P, cols * P]
+                grid = (pv.shape[1] // p, pv.shape[2] // p)
             layout = image_layout(*grid, *self._special_ids)
             while cursor < len(ids) and ids[cursor] not in image_ids:
                 cursor += 1

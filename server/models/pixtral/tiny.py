@@ -36,6 +36,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 
 from vlmserve.models.pixtral.mistral_format import TOKENIZER_FILE, hf_to_interleaved
 from vlmserve.models.pixtral.image_processor import CLIP_MEAN, CLIP_STD
+from vlmserve.models.tiny_options import check_tiny_options, padded_vocab_size
 
 NUM_SPECIAL = 1000  # Tekken's special-token slots
 NUM_BPE = 792  # 256 bytes + 536 merges of the real file
@@ -127,8 +128,10 @@ def hf_tokenizer_from_tekken(tekken: dict[str, Any]) -> Tokenizer:
     return tok
 
 
-def _hf_weights(seed: int) -> dict[str, torch.Tensor]:
-    """Random float32 tensors under the published HF names (rotate-half q/k layout)."""
+def _hf_weights(seed: int, vocab_size: int = VOCAB_SIZE) -> dict[str, torch.Tensor]:
+    """Random float32 tensors under the published HF names (rotate-half q/k layout). Rows
+    past the tokenizer (`vocab_size` > VOCAB_SIZE) are padding: random embeddings, LM-head
+    rows 0 (logit 0, under the real tokens' maximum)."""
     gen = torch.Generator().manual_seed(seed)
 
     def normal(*shape: int, std: float) -> torch.Tensor:
@@ -139,7 +142,10 @@ def _hf_weights(seed: int) -> dict[str, torch.Tensor]:
 
     t, v = _TEXT, _VISION
     h, q_rows, kv_rows = t["hidden"], t["heads"] * t["head_dim"], t["kv_heads"] * t["head_dim"]
-    w: dict[str, torch.Tensor] = {"language_model.model.embed_tokens.weight": normal(VOCAB_SIZE, h, std=0.5)}
+    embed = normal(VOCAB_SIZE, h, std=0.5)
+    if vocab_size > VOCAB_SIZE:
+        embed = torch.cat([embed, normal(vocab_size - VOCAB_SIZE, h, std=0.5)])
+    w: dict[str, torch.Tensor] = {"language_model.model.embed_tokens.weight": embed}
     for i in range(t["layers"]):
         p = f"language_model.model.layers.{i}."
         w[p + "self_attn.q_proj.weight"] = normal(q_rows, h, std=0.1)
@@ -157,7 +163,7 @@ def _hf_weights(seed: int) -> dict[str, torch.Tensor]:
     keep = lm_head[EOS_ID].clone()
     lm_head[:NUM_SPECIAL] = 0.0
     lm_head[EOS_ID] = keep
-    w["language_model.lm_head.weight"] = lm_head
+    w["language_model.lm_head.weight"] = torch.cat([lm_head, torch.zeros(vocab_size - VOCAB_SIZE, h)])
 
     e, mlp = v["hidden"], v["intermediate"]
     w["vision_tower.patch_conv.weight"] = normal(e, 3, v["patch"], v["patch"], std=0.02)
@@ -215,7 +221,7 @@ def _mistral_weights(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _hf_config() -> dict[str, Any]:
+def _hf_config(vocab_size: int = VOCAB_SIZE) -> dict[str, Any]:
     t, v = _TEXT, _VISION
     return {
         "architectures": ["LlavaForConditionalGeneration"],
@@ -229,7 +235,7 @@ def _hf_config() -> dict[str, Any]:
             "intermediate_size": t["intermediate"], "max_position_embeddings": 1024000, "model_type": "mistral",
             "num_attention_heads": t["heads"], "num_hidden_layers": t["layers"],
             "num_key_value_heads": t["kv_heads"], "rms_norm_eps": 1e-05, "rope_theta": t["rope_theta"],
-            "sliding_window": None, "vocab_size": VOCAB_SIZE,
+            "sliding_window": None, "vocab_size": vocab_size,
         },
         "torch_dtype": "float32",
         "transformers_version": "4.45.0.dev0",
@@ -244,12 +250,12 @@ def _hf_config() -> dict[str, Any]:
     }
 
 
-def _params() -> dict[str, Any]:
+def _params(vocab_size: int = VOCAB_SIZE) -> dict[str, Any]:
     t, v = _TEXT, _VISION
     return {
         "dim": t["hidden"], "n_layers": t["layers"], "head_dim": t["head_dim"], "hidden_dim": t["intermediate"],
         "n_heads": t["heads"], "n_kv_heads": t["kv_heads"], "rope_theta": t["rope_theta"], "norm_eps": 1e-05,
-        "vocab_size": VOCAB_SIZE,
+        "vocab_size": vocab_size,
         "vision_encoder": {
             "hidden_size": v["hidden"], "num_channels": 3, "image_size": v["image_size"], "patch_size": v["patch"],
             "rope_theta": v["rope_theta"], "intermediate_size": v["intermediate"],
@@ -263,16 +269,27 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def make_tiny_pixtral(out_dir: str | Path, seed: int = 0, format: str = "hf") -> Path:
-    """Write the tiny checkpoint into `out_dir` (created if missing) and return its path."""
+def make_tiny_pixtral(
+    out_dir: str | Path, seed: int = 0, format: str = "hf", vocab_size: int | None = None,
+    generation_config: str = "published",
+) -> Path:
+    """Write the tiny checkpoint into `out_dir` (created if missing) and return its path.
+
+    `vocab_size`: model rows (default VOCAB_SIZE; 131072 is the real size); the Tekken file
+    keeps its 1792 ids. `generation_config`: the published HF file,
+    huggingface.co/mistral-community/pixtral-12b/blob/59bdd82/generation_config.json, holds
+    only bos/eos ids (no sampling defaults: greedy in transformers), so "published" and
+    "greedy" write the same file; the Mistral format ships none."""
     if format not in ("hf", "mistral"):
         raise ValueError(f"format must be 'hf' or 'mistral', got {format!r}")
+    check_tiny_options(generation_config)
+    vocab_size = padded_vocab_size(VOCAB_SIZE, vocab_size)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tekken = tiny_tekken()
-    weights = _hf_weights(seed)
+    weights = _hf_weights(seed, vocab_size)
     if format == "mistral":
-        _write_json(out / "params.json", _params())
+        _write_json(out / "params.json", _params(vocab_size))
         (out / TOKENIZER_FILE).write_text(json.dumps(tekken, ensure_ascii=False), encoding="utf-8")
         save_file(_mistral_weights(weights), str(out / "consolidated.safetensors"))
         return out
@@ -282,7 +299,7 @@ def make_tiny_pixtral(out_dir: str | Path, seed: int = 0, format: str = "hf") ->
         "clean_up_tokenization_spaces": False, "model_max_length": 1000000000000000019884624838656,
         "tokenizer_class": "PreTrainedTokenizerFast", "processor_class": "PixtralProcessor",
     })
-    _write_json(out / "config.json", _hf_config())
+    _write_json(out / "config.json", _hf_config(vocab_size))
     _write_json(out / "generation_config.json", {"bos_token_id": 1, "eos_token_id": EOS_ID})
     _write_json(out / "preprocessor_config.json", {
         "do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,

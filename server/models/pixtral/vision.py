@@ -128,6 +128,12 @@ class PixtralVisionModel(nn.Module):
         → features [sum(rows * cols), E * len(feature_indices)], images in order."""
         w = self.patch_conv.weight
         patches = torch.cat([patchify(pv.to(device=w.device, dtype=w.dtype), self.cfg.patch_size) for pv in pixel_values])
+        return self.forward_patches(patches, grids)
+
+    def forward_patches(self, patches: torch.Tensor, grids: Sequence[tuple[int, int]]) -> torch.Tensor:
+        """patches [sum(rows * cols), C * P * P] in the tower's dtype and device, each image's
+        patches row-major (`patchify`'s layout, `kernels.normalize_patchify`'s "patches")."""
+        w = self.patch_conv.weight
         x = self.ln_pre(self.patch_conv(patches))  # [N, E]
         cos, sin = vision_rope_cos_sin(grids, self.cfg.head_dim, self.cfg.rope_theta, w.device)  # [N, D/2]
         cu_seqlens, max_seqlen = segment_cu_seqlens([r * c for r, c in grids], w.device)

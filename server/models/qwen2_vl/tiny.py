@@ -28,6 +28,8 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
+from vlmserve.models.tiny_options import check_tiny_options, padded_vocab_size
+
 # The chat template of Qwen/Qwen2-VL-7B-Instruct (tokenizer_config.json / chat_template.json).
 QWEN2_VL_CHAT_TEMPLATE = (
     "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
@@ -125,10 +127,6 @@ def build_tokenizer() -> Tokenizer:
     return tok
 
 
-def _round_up(n: int, multiple: int) -> int:
-    return (n + multiple - 1) // multiple * multiple
-
-
 def _tokenizer_config(ids: dict[str, int]) -> dict[str, Any]:
     added = {
         str(ids[t]): {
@@ -206,18 +204,20 @@ def _config(ids: dict[str, int], vocab_size: int) -> dict[str, Any]:
     }
 
 
-def _generation_config(ids: dict[str, int]) -> dict[str, Any]:
-    return {
+def _generation_config(ids: dict[str, int], which: str) -> dict[str, Any]:
+    """"published": the sampling defaults Qwen/Qwen2-VL-7B-Instruct ships (temperature 0.1,
+    top_p 0.001, top_k 1, repetition_penalty 1.05; the same values as the copy of the Qwen2-VL
+    release at huggingface.co/unsloth/Qwen2-VL-2B/blob/8963fb5/generation_config.json).
+    "greedy": the eos/bos ids only (transformers then decodes greedily)."""
+    ids_only = {
         "bos_token_id": ids["<|endoftext|>"],
         "pad_token_id": ids["<|endoftext|>"],
-        "do_sample": True,
         "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
-        "repetition_penalty": 1.05,
-        "temperature": 0.01,
-        "top_p": 0.001,
-        "top_k": 1,
         "transformers_version": "4.37.0",
     }
+    if which == "greedy":
+        return ids_only
+    return {**ids_only, "do_sample": True, "repetition_penalty": 1.05, "temperature": 0.1, "top_p": 0.001, "top_k": 1}
 
 
 def _preprocessor_config() -> dict[str, Any]:
@@ -299,20 +299,28 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def make_tiny_qwen2_vl(out_dir: str | Path, seed: int = 0) -> Path:
-    """Write the tiny checkpoint into `out_dir` (created if missing) and return its path."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+def make_tiny_qwen2_vl(
+    out_dir: str | Path, seed: int = 0, vocab_size: int | None = None, generation_config: str = "published"
+) -> Path:
+    """Write the tiny checkpoint into `out_dir` (created if missing) and return its path.
+
+    `vocab_size`: rows of the embedding and LM head (default: the tokenizer rounded up to 64;
+    151936 is the real size). The tokenizer and its special-token ids stay as they are; rows
+    past the tokenizer are padding, as in the published checkpoint (151,657 tokens, 151,936
+    rows). `generation_config`: "published" or "greedy" (see `_generation_config`)."""
+    check_tiny_options(generation_config)
     tok = build_tokenizer()
     ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
-    vocab_size = _round_up(tok.get_vocab_size(with_added_tokens=True), 64)
+    num_tokens = tok.get_vocab_size(with_added_tokens=True)
+    vocab_size = padded_vocab_size(num_tokens, vocab_size, 64)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
 
     tok.save(str(out / "tokenizer.json"), pretty=True)
     _write_json(out / "tokenizer_config.json", _tokenizer_config(ids))
     _write_json(out / "chat_template.json", {"chat_template": QWEN2_VL_CHAT_TEMPLATE})
     _write_json(out / "config.json", _config(ids, vocab_size))
-    _write_json(out / "generation_config.json", _generation_config(ids))
+    _write_json(out / "generation_config.json", _generation_config(ids, generation_config))
     _write_json(out / "preprocessor_config.json", _preprocessor_config())
-    num_tokens = tok.get_vocab_size(with_added_tokens=True)
     save_file(_weights(vocab_size, num_tokens, seed), str(out / "model.safetensors"), metadata={"format": "pt"})
     return out

@@ -17,7 +17,7 @@ from transformers.models.mllama.processing_mllama import (
     get_cross_attention_token_mask,
 )
 
-from vlmserve.models.mllama.processor import cross_row_positions, item_real_rows
+from vlmserve.models.mllama.processor import cross_row_positions, item_real_rows, mllama_pixel_values
 from vlmserve.multimodal.inputs import ProcessedPrompt
 from vlmserve.runner.forward_batch import CrossAttentionBatch, ForwardBatch
 from tests.models.mllama.conftest import random_image
@@ -65,11 +65,11 @@ def hf_inputs(processor, prompt: ProcessedPrompt) -> dict[str, torch.Tensor]:
     if not prompt.mm_items:
         return out
     n, tiles = len(prompt.mm_items), processor.max_num_tiles
-    pv = torch.zeros(1, n, tiles, *prompt.mm_items[0].data["pixel_values"].shape[1:])
+    pv = torch.zeros(1, n, tiles, *mllama_pixel_values(prompt.mm_items[0]).shape[1:])
     ar_mask = torch.zeros(1, n, tiles, dtype=torch.long)
     ar_mask[..., 0] = 1
     for i, item in enumerate(prompt.mm_items):
-        pv[0, i, : item.data["num_tiles"]] = item.data["pixel_values"]
+        pv[0, i, : item.data["num_tiles"]] = mllama_pixel_values(item)
         ar_mask[0, i, : item.data["num_tiles"]] = 1
     sparse = [get_cross_attention_token_mask(prompt.prompt_token_ids, processor.image_token_id)]
     dense = convert_sparse_cross_attention_mask_to_dense(
@@ -308,3 +308,31 @@ def test_engine_without_cross_layers_sizes_its_cross_cache_and_serves_images(mll
         expected = hf.generate(**hf_inputs(llm.processor, prompt), max_new_tokens=4, do_sample=False,
                                eos_token_id=None, pad_token_id=0)
     assert ours.token_ids == expected[0, len(prompt.prompt_token_ids):].tolist()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("size", [(50, 100), (3, 2), (97, 111), (400, 400)])
+@torch.inference_mode()
+def test_uint8_canvas_crosses_and_tiles_normalised_beside_the_tower_equal_transformers(
+    mllama_models, mllama_processor, mllama_ckpt, backend, size
+) -> None:
+    # The canvas is padded with level 0 before normalising (as transformers pads), so padding
+    # normalises to (0 - mean) / std: an image smaller than its canvas checks that.
+    import pickle
+
+    from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
+
+    from vlmserve import kernels
+
+    ours, _ = mllama_models
+    image = random_image(*size, seed=11 + sum(size))
+    conversation = [{"role": "user", "content": [{"type": "image"}, text("Describe it.")]}]
+    (item,) = mllama_processor.render_chat(conversation, [image]).mm_items
+    item = pickle.loads(pickle.dumps(item))  # what the engine core receives through its pipe
+    assert "pixel_values" not in item.data and item.data["pixels"].dtype == np.uint8
+    n = item.data["num_tiles"]
+    expected = MllamaImageProcessorPil.from_pretrained(mllama_ckpt)(images=[[image]], return_tensors="np")
+    want = torch.from_numpy(np.asarray(expected["pixel_values"][0, 0, :n]))
+    kernels.set_backend(backend)  # "triton": the interpreter here, compiled on a GPU
+    assert torch.equal(ours._tiles(item).cpu(), want)
+    assert torch.equal(mllama_pixel_values(item), want)

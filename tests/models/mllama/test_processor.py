@@ -12,7 +12,7 @@ from transformers import MllamaImageProcessorPil
 from transformers import MllamaProcessor as HFMllamaProcessor
 
 from vlmserve.models.mllama.image_processor import MllamaImageProcessor
-from vlmserve.models.mllama.processor import cross_row_positions
+from vlmserve.models.mllama.processor import cross_row_positions, mllama_pixel_values
 from tests.models.mllama.conftest import random_image
 
 
@@ -93,7 +93,7 @@ def test_chat_prompt_equals_transformers(mllama_processor, hf_processor, name: s
         n = item.data["num_tiles"]
         assert item.length == 1 and not item.is_embed.any() and item.cross_attn_tokens == 4 * 17
         assert item.data["aspect_ratio_id"] == int(expected["aspect_ratio_ids"][0][i])
-        np.testing.assert_array_equal(np.asarray(expected["pixel_values"][0][i])[:n], item.data["pixel_values"].numpy())
+        np.testing.assert_array_equal(np.asarray(expected["pixel_values"][0][i])[:n], mllama_pixel_values(item).numpy())
     assert_ranges_equal_mask(ours, np.asarray(expected["cross_attention_mask"][0]), num_patches=17)
 
 
@@ -138,7 +138,7 @@ def test_generation_settings_come_from_the_checkpoint(mllama_processor) -> None:
     eot, eom, eot_text = (tok.convert_tokens_to_ids(t) for t in ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>"))
     assert set(mllama_processor.eos_token_ids) == {eot, eom, eot_text}
     assert mllama_processor.generation_defaults() == {"temperature": 0.6, "top_p": 0.9}
-    assert torch.is_tensor(mllama_processor.render_chat(*_one(CONVERSATIONS["one_image"])).mm_items[0].data["pixel_values"])
+    assert mllama_processor.render_chat(*_one(CONVERSATIONS["one_image"])).mm_items[0].data["pixels"].dtype == np.uint8
 
 
 def _one(case):

@@ -19,7 +19,7 @@ from vlmserve.engine.builder import context_length
 from vlmserve.models.loader import load_model
 from vlmserve.models.pixtral.config import PixtralModelConfig
 from vlmserve.models.pixtral.model import PixtralForConditionalGeneration
-from vlmserve.models.pixtral.processor import PixtralProcessor
+from vlmserve.models.pixtral.processor import PixtralProcessor, pixtral_pixel_values
 from vlmserve.multimodal.inputs import ProcessedPrompt
 from tests.models.conftest import save_random_hf_model
 from tests.models.pixtral.conftest import CHATS, chat_images
@@ -50,7 +50,7 @@ def hf_inputs(prompt: ProcessedPrompt) -> dict[str, torch.Tensor]:
     ids = torch.tensor([prompt.prompt_token_ids])
     out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     if prompt.mm_items:
-        pixels = [item.data["pixel_values"] for item in prompt.mm_items]
+        pixels = [pixtral_pixel_values(item) for item in prompt.mm_items]
         h = max(p.shape[1] for p in pixels)
         w = max(p.shape[2] for p in pixels)
         batch = torch.zeros(len(pixels), 3, h, w)  # zero padding, as transformers' processor pads
@@ -92,7 +92,7 @@ def test_vision_rows_of_several_images_in_one_batch_match_transformers_per_image
     prompt = processor.render_chat(CHATS["multi_turn"][0], chat_images("multi_turn"))
     rows = ours.embed_multimodal(prompt.mm_items)
     for item, got in zip(prompt.mm_items, rows):
-        pv = item.data["pixel_values"]
+        pv = pixtral_pixel_values(item)
         want = hf.model.get_image_features(
             pv[None], image_sizes=torch.tensor([list(pv.shape[1:])]),
             vision_feature_layer=-1, vision_feature_select_strategy="full",

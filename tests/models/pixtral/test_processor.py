@@ -11,10 +11,12 @@ encoder, OpenCV), pixels against its OpenCV resize (float32 tolerance).
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from transformers import AutoTokenizer
 from transformers.models.pixtral.image_processing_pil_pixtral import (
@@ -22,8 +24,12 @@ from transformers.models.pixtral.image_processing_pil_pixtral import (
     get_resize_output_image_size,
 )
 
+from vlmserve.kernels import reference
+from vlmserve.kernels.normalize_patchify import normalize_patchify
+from vlmserve.models.layers.pixels import uint8_tensor
 from vlmserve.models.pixtral.image_processor import PixtralImageProcessor
-from vlmserve.models.pixtral.processor import PixtralProcessor, image_layout
+from vlmserve.models.pixtral.processor import PixtralProcessor, image_layout, pixtral_pixel_values
+from vlmserve.models.pixtral.vision import patchify
 from tests.models.pixtral.conftest import CHATS, chat_images, random_image
 
 SIZES = [(40, 56), (333, 517), (5, 7), (256, 256), (600, 90), (1000, 1000), (257, 3), (643, 1024)]
@@ -79,7 +85,7 @@ def test_hf_prompt_is_the_template_with_each_image_expanded_to_its_patch_grid(ti
         span = ids[item.offset : item.offset + item.length]
         assert item.length == rows * (cols + 1) and span[-1] == IMG_END
         assert np.array_equal(item.is_embed, span == IMG) and item.num_embeds == rows * cols
-        assert item.data["pixel_values"].shape == (3, rows * 16, cols * 16)
+        assert item.data["pixels"].shape == (rows * 16, cols * 16, 3) and item.data["pixels"].dtype == np.uint8
         covered[item.offset : item.offset + item.length] = True
     assert np.array_equal(covered, np.isin(ids, [IMG, IMG_BREAK, IMG_END]))
 
@@ -126,7 +132,7 @@ def test_mistral_prompt_ids_equal_mistral_common_encode_chat_completion(tiny_mis
     assert got.prompt_token_ids == expected.tokens
     assert len(got.mm_items) == len(expected.images) == len(images)
     for item, ref in zip(got.mm_items, expected.images):
-        pv = item.data["pixel_values"].numpy()
+        pv = pixtral_pixel_values(item).numpy()
         assert pv.shape == ref.shape
         assert np.abs(pv - ref).max() <= 2e-4  # OpenCV's float32 cubic vs ours
         span = np.asarray(got.prompt_token_ids[item.offset : item.offset + item.length])
@@ -173,3 +179,47 @@ def test_completion_prompts_get_one_bos_in_both_formats(hf_processor, mistral_pr
     assert hf.prompt_token_ids.count(1) == 1
     assert hf_processor.eos_token_ids == mistral_processor.eos_token_ids == [2]
     assert hf_processor.generation_defaults() == {"temperature": 0.0}
+
+
+@pytest.mark.parametrize("size", [(40, 56), (333, 517), (5, 7)])
+def test_hf_items_cross_as_uint8_and_normalise_to_transformers_bit_for_bit(tiny_hf: Path, hf_processor, size):
+    image = random_image(*size, seed=7 + sum(size))
+    expected = PixtralImageProcessorPil.from_pretrained(tiny_hf)(images=[image], return_tensors="np")["pixel_values"][0]
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]}]
+    (item,) = hf_processor.render_chat(conversation, [image]).mm_items
+    item = pickle.loads(pickle.dumps(item))  # what the engine core receives through its pipe
+    assert "pixel_values" not in item.data
+    pixels = item.data["pixels"]
+    assert pixels.dtype == np.uint8 and pixels.shape == (*expected.shape[1:], 3)
+    assert torch.equal(pixtral_pixel_values(item), torch.from_numpy(expected))
+    # What embed_multimodal computes beside the tower: the reference (CPU) and the Triton kernel
+    # (the interpreter here, compiled on a GPU) give transformers' patches exactly.
+    want = patchify(torch.from_numpy(expected), 16)
+    lut = torch.from_numpy(item.data["lut"].copy())
+    assert torch.equal(reference.normalize_patchify(uint8_tensor(pixels), lut, 16, 1, 1, "patches"), want)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    got = normalize_patchify(uint8_tensor(pixels).to(device), lut.to(device), 16, 1, 1, "patches")
+    assert torch.equal(got.cpu(), want)
+
+
+@pytest.mark.parametrize("size", [(40, 56), (333, 517), (700, 700), (643, 1024)])
+def test_mistral_items_cross_as_the_fewer_bytes_of_two_exact_forms(mistral_processor, size) -> None:
+    # OpenCV's float cubic resize is not uint8: the source crosses as uint8 when it is no
+    # larger than the float32 result (resized beside the tower), else the result does.
+    pytest.importorskip("cv2")
+    from mistral_common.tokens.tokenizers.image import transform_image
+
+    image = random_image(*size, seed=3 + sum(size))
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]}]
+    (item,) = mistral_processor.render_chat(conversation, [image]).mm_items
+    item = pickle.loads(pickle.dumps(item))  # what the engine core receives through its pipe
+    rows, cols = item.data["patch_grid"]
+    result_bytes, source_bytes = rows * cols * 16 * 16 * 3 * 4, size[0] * size[1] * 3
+    if source_bytes <= result_bytes:
+        src = item.data["source_pixels"]
+        assert src.dtype == np.uint8 and src.shape == (*size, 3) and "pixel_values" not in item.data
+    else:
+        assert "source_pixels" not in item.data and item.data["pixel_values"].dtype == torch.float32
+        assert item.data["pixel_values"].numel() * 4 == result_bytes < source_bytes
+    ref = transform_image(image, (cols * 16, rows * 16))
+    assert np.abs(pixtral_pixel_values(item).numpy() - ref).max() <= 2e-4  # OpenCV's float32 cubic vs ours

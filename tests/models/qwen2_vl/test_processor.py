@@ -210,7 +210,7 @@ def test_eos_ids_and_generation_defaults_follow_generation_config(ours: Qwen2VLP
     tok = ours.tokenizer
     assert ours.eos_token_ids == [tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")]
     assert gen["do_sample"] is True
-    assert ours.generation_defaults() == {"repetition_penalty": 1.05, "temperature": 0.01, "top_p": 0.001, "top_k": 1}
+    assert ours.generation_defaults() == {"repetition_penalty": 1.05, "temperature": 0.1, "top_p": 0.001, "top_k": 1}
 
 
 def test_do_sample_false_means_greedy_and_nested_text_config_is_read(tiny_dir: Path, tmp_path: Path) -> None:
