@@ -35,7 +35,11 @@ PUBLISHED = {
     "qwen2_vl": {"repetition_penalty": 1.05, "temperature": 0.1, "top_p": 0.001, "top_k": 1},
     "mllama": {"temperature": 0.6, "top_p": 0.9},
     "pixtral": {"temperature": 0.0},  # mistral-community/pixtral-12b ships ids only: greedy
+    "molmo": {"temperature": 0.0},  # Molmo-7B-D-0924's generation_config.json has no sampling keys: greedy
+    "nvlm_d": {"temperature": 0.0},  # NVLM-D-72B publishes no generation_config.json: greedy
 }
+# The embedding and LM-head tensors, where a family does not use the HF names.
+ROW_TENSORS = {"molmo": ("transformer.wte.embedding", "transformer.ff_out.weight")}
 
 
 @pytest.mark.parametrize("family", sorted(TINY_MAKERS))
@@ -50,7 +54,8 @@ def test_vocab_size_grows_the_embedding_and_lm_head_and_keeps_the_tokenizer(fami
     main(["make-tiny-model", "--family", family, "--out", str(big), "--vocab-size", "5000",
           "--generation-config", "published"])
     procs = [build_frontend(EngineConfig(model=str(d)), d).processor for d in (small, big)]
-    assert procs[1].vocab_size == 5000
+    # Molmo's image tokens are 128 rows of their own after the embedding (`new_embedding`).
+    assert procs[1].vocab_size == 5000 + (128 if family == "molmo" else 0)
     conversation = [{"role": "user", "content": [{"type": "text", "text": "describe the red car please"}]}]
     prompts = [p.render_chat(conversation, []) for p in procs]
     assert prompts[0].prompt_token_ids == prompts[1].prompt_token_ids  # same tokenizer, same special ids
@@ -58,11 +63,12 @@ def test_vocab_size_grows_the_embedding_and_lm_head_and_keeps_the_tokenizer(fami
     assert procs[1].generation_defaults() == PUBLISHED[family]
     with safe_open(str(big / "model.safetensors"), "pt") as f:
         shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
-    rows = {k: s[0] for k, s in shapes.items() if k.endswith(("embed_tokens.weight", "lm_head.weight"))}
+    names = ROW_TENSORS.get(family, ("embed_tokens.weight", "lm_head.weight"))
+    rows = {k: s[0] for k, s in shapes.items() if k.endswith(names)}
     extra = 8 if family == "mllama" else 0  # Mllama's embedding has 8 rows past the LM head
     assert sorted(rows.values()) == [5000, 5000 + extra]
     with safe_open(str(big / "model.safetensors"), "pt") as f:
-        head = f.get_tensor(next(k for k in rows if k.endswith("lm_head.weight")))
+        head = f.get_tensor(next(k for k in rows if k.endswith(names[1])))
     num_tokens = len(procs[1].tokenizer)
     assert head[:num_tokens].abs().sum() > 0 and head[num_tokens:].abs().sum() == 0  # padding never wins
 

@@ -90,8 +90,8 @@ def _tokenizer_config(tok: Tokenizer, specials: list[str]) -> dict[str, Any]:
     }
 
 
-def _config() -> dict[str, Any]:
-    t = _TEXT
+def _config(embedding_size: int) -> dict[str, Any]:
+    t = {**_TEXT, "embedding_size": embedding_size}
     return {
         "architectures": ["MolmoForCausalLM"], "attention_layer_norm": False,
         "auto_map": {"AutoConfig": "config_molmo.MolmoConfig", "AutoModelForCausalLM": "modeling_molmo.MolmoForCausalLM"},
@@ -117,7 +117,7 @@ def _preprocessor_config() -> dict[str, Any]:
     }
 
 
-def _weights(seed: int, eos_id: int) -> dict[str, torch.Tensor]:
+def _weights(seed: int, eos_id: int, embedding_size: int) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
 
     def normal(*shape: int, std: float) -> torch.Tensor:
@@ -129,7 +129,7 @@ def _weights(seed: int, eos_id: int) -> dict[str, torch.Tensor]:
     def norm(n: int) -> torch.Tensor:
         return 1.0 + normal(n, std=0.1)
 
-    t, v = _TEXT, _VISION
+    t, v = {**_TEXT, "embedding_size": embedding_size}, _VISION
     h, e = t["hidden"], v["image_emb_dim"]
     head_dim = h // t["heads"]
     qkv = h + 2 * t["kv_heads"] * head_dim
@@ -189,23 +189,36 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def make_tiny_molmo(out_dir: str | Path, seed: int = 0, sharded: bool = False) -> Path:
+def make_tiny_molmo(
+    out_dir: str | Path, seed: int = 0, sharded: bool = False, vocab_size: int | None = None,
+    generation_config: str = "published",
+) -> Path:
     """Write the tiny checkpoint into `out_dir` (created if missing) and return its path: one
     model.safetensors, as the golden fixture's, or (`sharded`) two shards and an index, as the
-    published checkpoints."""
+    published checkpoints.
+
+    `vocab_size`: the embedding size (152064 is Molmo-7B-D's); as in the real tokenizer,
+    `|<EXTRA_TOKENS_k>|` fill it up and the image tokens come after it. `generation_config`:
+    Molmo's published generation_config.json carries no sampling defaults, so "published" and
+    "greedy" write the same ids-only file."""
+    if generation_config not in ("published", "greedy"):
+        raise ValueError(f"generation_config must be published or greedy, got {generation_config!r}")
+    embedding_size = vocab_size or _TEXT["embedding_size"]
+    if embedding_size < _TEXT["embedding_size"]:
+        raise ValueError(f"vocab_size {embedding_size} is below the tiny tokenizer's {_TEXT['embedding_size']} tokens")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tok, specials = build_tokenizer(_TEXT["embedding_size"])
+    tok, specials = build_tokenizer(embedding_size)
     tok.save(str(out / "tokenizer.json"), pretty=True)
     _write_json(out / "tokenizer_config.json", _tokenizer_config(tok, specials))
     _write_json(out / "special_tokens_map.json", {"additional_special_tokens": specials[3:], "eos_token": "<|endoftext|>",
                                                   "pad_token": "<|endoftext|>"})
-    _write_json(out / "config.json", _config())
+    _write_json(out / "config.json", _config(embedding_size))
     _write_json(out / "generation_config.json", {"_from_model_config": True, "transformers_version": "4.43.3"})
     _write_json(out / "preprocessor_config.json", _preprocessor_config())
     _write_json(out / "processor_config.json", {"auto_map": {"AutoProcessor": "preprocessing_molmo.MolmoProcessor"},
                                                 "processor_class": "MolmoProcessor"})
-    weights = _weights(seed, tok.token_to_id("<|endoftext|>"))
+    weights = _weights(seed, tok.token_to_id("<|endoftext|>"), embedding_size)
     if not sharded:
         save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
         return out

@@ -282,11 +282,17 @@ def _save_sharded(weights: dict[str, torch.Tensor], out: Path, shards: int) -> N
 
 
 def make_tiny_nvlm_d(
-    out_dir: str | Path, seed: int = 0, image_size: int = 448, max_dynamic_patch: int = 6, shards: int = 1
+    out_dir: str | Path, seed: int = 0, image_size: int = 448, max_dynamic_patch: int = 6, shards: int = 1,
+    vocab_size: int | None = None, generation_config: str = "published",
 ) -> Path:
     """Write the tiny checkpoint into `out_dir` (created if missing) and return its path.
     `image_size` (tile side, a multiple of 28) and `max_dynamic_patch` default to NVLM-D-72B's;
-    tests pass smaller tiles to keep prompts short."""
+    tests pass smaller tiles to keep prompts short. `vocab_size`: rows of the embedding and LM
+    head (152064 is NVLM-D-72B's; default the tokenizer rounded up to 64), rows past the
+    tokenizer being padding whose LM head is zero. `generation_config`: NVLM-D-72B publishes no
+    generation_config.json, so neither mode writes one (its requests default to greedy)."""
+    if generation_config not in ("published", "greedy"):
+        raise ValueError(f"generation_config must be published or greedy, got {generation_config!r}")
     if image_size % 28:
         raise ValueError(f"image_size must be a multiple of 28 (patch 14, pixel shuffle 2), got {image_size}")
     out = Path(out_dir)
@@ -295,7 +301,9 @@ def make_tiny_nvlm_d(
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in EXTRA_TOKENS])
     ids = {t: tok.token_to_id(t) for t in (*SPECIAL_TOKENS, *EXTRA_TOKENS)}
     num_tokens = tok.get_vocab_size(with_added_tokens=True)
-    vocab_size = -(-num_tokens // 64) * 64
+    if vocab_size is not None and vocab_size < num_tokens:
+        raise ValueError(f"vocab_size {vocab_size} is below the tiny tokenizer's {num_tokens} tokens")
+    vocab_size = vocab_size or -(-num_tokens // 64) * 64
     tok.save(str(out / "tokenizer.json"), pretty=True)
     _write_json(out / "tokenizer_config.json", _tokenizer_config(ids))
     _write_json(out / "special_tokens_map.json", _special_tokens_map())
