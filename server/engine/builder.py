@@ -26,7 +26,9 @@ from vlmserve.engine.engine_core import EngineCore
 from vlmserve.engine.scheduler import Scheduler
 from vlmserve.models import registry
 from vlmserve.models.loader import load_model, read_hf_config, resolve_model_dir
+from vlmserve.runner.grammar_vocab import load_tokenizer_info
 from vlmserve.runner.model_runner import ModelRunner, kv_block_bytes
+from vlmserve.runner.structured import GrammarRuntime
 
 logger = logging.getLogger(__name__)
 
@@ -112,15 +114,18 @@ def build_core(config: EngineConfig, model_dir: Path, eos_token_ids: Callable[[]
         # No cross-attention layers (a config may list none): blocks are bookkeeping only, free.
         budget = int(config.kv_cache_memory_gb * 2**30 * 0.25) // cross_block_bytes if cross_block_bytes else 1 << 16
         num_cross_blocks = config.num_cross_kv_blocks or max(2, budget)
+    eos = frozenset(eos_token_ids())
+    grammar = GrammarRuntime(lambda: load_tokenizer_info(model_dir, hf_config, eos))
     runner = ModelRunner(
         model,
         num_blocks=num_blocks,
         block_size=config.block_size,
         dtype=dtype,
         device=device,
-        eos_token_ids=frozenset(eos_token_ids()),
+        eos_token_ids=eos,
         seed=config.seed,
         num_cross_blocks=num_cross_blocks,
+        grammar=grammar,
     )
     scheduler = Scheduler(config, num_blocks, max_model_len, num_cross_kv_blocks=num_cross_blocks)
     logger.info(

@@ -28,6 +28,10 @@ class EngineCore:
 
     def add_request(self, request: Request) -> None:
         self.scheduler.add_request(request)
+        spec = request.sampling_params.structured
+        if spec is not None and self.runner.grammar is not None:
+            # Compiles on the grammar thread while the request queues and prefills.
+            self.runner.grammar.prepare(spec)
 
     def abort_requests(self, req_ids: list[str]) -> None:
         self.scheduler.finish_requests(req_ids, RequestStatus.FINISHED_ABORTED)
