@@ -57,7 +57,7 @@ ENGINE_FLAGS = (
 
 SERVER_FLAGS = (
     "host", "port", "served_model_name", "api_key", "max_request_body_bytes", "limit_mm_per_prompt",
-    "max_pending_requests", "drain_seconds",
+    "max_pending_requests", "drain_seconds", "tool_call_format",
 )  # fmt: skip
 MEDIA_FLAGS = (
     "max_image_pixels", "max_media_bytes", "max_video_bytes", "image_timeout_s", "video_timeout_s",
@@ -137,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on SIGTERM, serve this long with /ready at 503 before closing the listener (default 0)")
     s.add_argument("--engine-mode", choices=["process", "thread"],
                    help="run the engine step loop in its own process (default) or on a thread of this one")
+    s.add_argument("--tool-call-format", choices=["hermes", "mistral", "llama3_json", "grammar_only"],
+                   help="tool-call format for tool_choice auto (default: the model family's own)")
     s.add_argument("--limit-mm-per-prompt", help="most media items per request (default image=32,video=2), e.g. image=64")
     m = serve.add_argument_group("media")
     m.add_argument("--max-image-pixels", type=int, help="refuse larger images (checked from the header)")

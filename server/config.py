@@ -77,6 +77,9 @@ class ServerConfig:
     # balancer (Kubernetes endpoints) stops routing here before the listener closes; then
     # stop accepting and finish the requests in flight. 0: stop accepting at once.
     drain_seconds: float = 0.0
+    # Tool-call format for tool_choice "auto" (hermes, mistral, llama3_json, grammar_only);
+    # None: the model family's own (`vlmserve.api.tools.formats.FAMILY_FORMATS`).
+    tool_call_format: str | None = None
 
 
 @dataclass(frozen=True)
