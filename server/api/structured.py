@@ -20,9 +20,8 @@ import json
 import re
 from typing import Any
 
-import xgrammar as xgr
-
 from vlmserve.api.errors import APIError
+from vlmserve.engine.structured_grammar import spec_grammar
 from vlmserve.engine.structured_spec import StructuredSpec
 
 JSON_OBJECT_SCHEMA = '{"type":"object"}'
@@ -35,7 +34,8 @@ _CHECK_FAILED = re.compile(r"^Check failed: \(.*?\) is false:\s*")
 
 
 def schema_spec(schema: Any, param: str) -> StructuredSpec:
-    """A JSON Schema (dict, bool or JSON text) → the "json" spec, keys sorted for the cache."""
+    """A JSON Schema (dict, bool or JSON text) → the "json" spec. Key order is kept: the
+    output's properties come in the schema's order."""
     if isinstance(schema, str):
         try:
             schema = json.loads(schema)
@@ -44,7 +44,7 @@ def schema_spec(schema: Any, param: str) -> StructuredSpec:
     if not isinstance(schema, (dict, bool)):
         raise APIError(f"{param} must be a JSON Schema object, got {type(schema).__name__}", param=param,
                        code="invalid_schema")
-    return StructuredSpec("json", json.dumps(schema, sort_keys=True, separators=(",", ":")))
+    return StructuredSpec("json", json.dumps(schema, separators=(",", ":")))
 
 
 def choice_spec(choices: Any, param: str) -> StructuredSpec:
@@ -134,12 +134,7 @@ def clean_error(message: str) -> str:
 def _parse(spec: StructuredSpec) -> str | None:
     """None when the grammar parses; else the library's reason."""
     try:
-        if spec.kind == "json":
-            xgr.Grammar.from_json_schema(spec.source, any_whitespace=False, separators=(",", ":"), strict_mode=True)
-        elif spec.kind == "regex":
-            xgr.Grammar.from_regex(spec.source)
-        else:
-            xgr.Grammar.from_ebnf(spec.source)
+        spec_grammar(spec)
     except Exception as e:  # the library raises RuntimeError / ValueError subclasses
         return clean_error(str(e))
     return None

@@ -7,7 +7,8 @@ tokenizer. Frozen and hashable: the compiled-grammar cache is keyed by it, so n 
 repeated schemas compile once.
 
 `kind` / `source`:
-- "json": `source` is a JSON Schema (JSON text, keys sorted so equal schemas share a key).
+- "json": `source` is a JSON Schema (compact JSON text, in the client's key order, which
+  is the order of the output's properties).
   Compiled with compact separators and no free whitespace, so a confused model cannot pad
   with whitespace until max_tokens.
 - "regex": `source` is a regular expression the whole output must match.

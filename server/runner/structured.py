@@ -34,23 +34,17 @@ from typing import Callable
 import torch
 import xgrammar as xgr
 
+from vlmserve.engine.structured_grammar import spec_grammar
 from vlmserve.engine.structured_spec import StructuredSpec
 from vlmserve.runner.input_batch import CachedRequestState
 
 logger = logging.getLogger(__name__)
 
-# JSON output stays bounded: no whitespace anywhere but inside strings.
-JSON_SEPARATORS = (",", ":")
 MAX_CACHED_GRAMMARS = 512
 
 
 def compile_spec(compiler: xgr.GrammarCompiler, spec: StructuredSpec) -> xgr.CompiledGrammar:
-    if spec.kind == "json":
-        return compiler.compile_json_schema(spec.source, any_whitespace=False, separators=JSON_SEPARATORS,
-                                            strict_mode=True)
-    if spec.kind == "regex":
-        return compiler.compile_regex(spec.source)
-    return compiler.compile_grammar(spec.source)
+    return compiler.compile_grammar(spec_grammar(spec))
 
 
 class _Matcher:

@@ -53,6 +53,18 @@ def _prepend_text(message: dict[str, Any], text: str) -> dict[str, Any]:
     return dict(message, content=text + (content or ""))
 
 
+def _parts(content: Any) -> list[dict[str, Any]]:
+    return list(content) if isinstance(content, list) else [{"type": "text", "text": content or ""}]
+
+
+def _joined(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
+    """Two user turns as one (image parts kept, in order)."""
+    if isinstance(first.get("content"), list) or isinstance(second.get("content"), list):
+        return dict(first, content=[*_parts(first.get("content")), {"type": "text", "text": "\n"},
+                                    *_parts(second.get("content"))])
+    return dict(first, content=(first.get("content") or "") + "\n" + (second.get("content") or ""))
+
+
 def _merge_user(conversation: list[dict[str, Any]], text: str) -> None:
     """Appends `text` as a user turn, merged into a preceding user turn (templates that need
     alternating roles)."""
@@ -199,6 +211,10 @@ class MistralTools(ToolFormat):
             elif msg["role"] == "tool":
                 result = {"content": _text_of(msg.get("content")), "call_id": msg.get("tool_call_id") or ""}
                 _merge_user(out, "[TOOL_RESULTS]" + json.dumps(result, ensure_ascii=False) + "[/TOOL_RESULTS]")
+            elif msg["role"] == "user" and out and out[-1]["role"] == "user":
+                # The template wants user/assistant turns alternating: a question after
+                # tool results joins their turn.
+                out[-1] = _joined(out[-1], msg)
             else:
                 out.append(msg)
         if plan is not None and plan.functions:
@@ -242,7 +258,18 @@ class Llama3Json(ToolFormat):
             elif msg["role"] == "tool":
                 msg = {"role": "tool", "content": _text_of(msg.get("content"))}
             out.append(msg)
-        return out, ({"tools": plan.template_tools} if plan is not None and plan.functions else {})
+        if plan is None or not plan.functions:
+            return out, {}
+        kwargs: dict[str, Any] = {"tools": plan.template_tools}
+        first = next((m for m in out if m["role"] != "system"), None)
+        if first is not None and isinstance(first.get("content"), list):
+            # The template puts tools into the first user message as text (`content|trim`), which
+            # would flatten its image parts: they go into the system message instead, which the
+            # template writes only when one is given.
+            kwargs["tools_in_user_message"] = False
+            if out[0]["role"] != "system":
+                out.insert(0, {"role": "system", "content": ""})
+        return out, kwargs
 
     def call_start(self, text):
         stripped = text.lstrip()
