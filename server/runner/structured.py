@@ -97,10 +97,10 @@ class GrammarRuntime:
     def _matcher(self, st: CachedRequestState) -> _Matcher:
         m = self._matchers.get(st.req_id)
         if m is None:
-            params = st.sampling_params
-            compiled = self.prepare(params.structured).result()
-            # With ignore_eos the scheduler would not stop on EOS: the grammar ends the request.
-            m = _Matcher(xgr.GrammarMatcher(compiled, terminate_without_stop_token=params.ignore_eos))
+            compiled = self.prepare(st.sampling_params.structured).result()
+            # The grammar's end is EOS (allowed only once it is complete): the request ends on
+            # it even with ignore_eos (`accept` reports it), and EOS never becomes text.
+            m = _Matcher(xgr.GrammarMatcher(compiled))
             self._matchers[st.req_id] = m
         outputs = st.token_ids[st.num_prompt_tokens:]
         # Tokens the matcher has not seen: all outputs after a (re)admission, else none.
