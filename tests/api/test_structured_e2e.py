@@ -5,6 +5,7 @@ valid JSON answer and every valid tool call below exists only because the gramma
 from __future__ import annotations
 
 import json
+import re
 
 import jsonschema
 import openai
@@ -154,3 +155,43 @@ def test_named_required_and_none_tool_choices(client):
     r = client.chat.completions.create(model="tiny", messages=history, tools=[WEATHER], tool_choice=named,
                                        max_tokens=MAX_TOKENS, temperature=0)
     _check_calls(r.choices[0].message.tool_calls, {"get_weather"})
+
+
+@pytest.mark.parametrize("client", ["qwen2_vl"], indirect=True)
+def test_mixed_batch_vllm_fields_and_invalid_schemas(client):
+    from concurrent.futures import ThreadPoolExecutor
+
+    free = dict(model="tiny", messages=_messages("Say something."), max_tokens=16, temperature=0,
+                extra_body={"ignore_eos": True})
+    constrained = dict(model="tiny", messages=_messages("Describe it as JSON."), max_tokens=MAX_TOKENS,
+                       temperature=0, response_format=_schema_format(SCHEMA))
+    alone = [client.chat.completions.create(**kw).choices[0].message.content for kw in (free, constrained)]
+    with ThreadPoolExecutor(6) as pool:
+        together = list(pool.map(lambda kw: client.chat.completions.create(**kw).choices[0].message.content,
+                                 [free, constrained] * 3))
+    assert together == alone * 3
+
+    for body, check in (
+        ({"structured_outputs": {"choice": ["red", "green", "light blue"]}}, lambda t: t in ("red", "green", "light blue")),
+        ({"structured_outputs": {"regex": "[0-9]{2}-[a-z]{3}"}}, lambda t: re.fullmatch("[0-9]{2}-[a-z]{3}", t)),
+        ({"structured_outputs": {"grammar": 'root ::= "(" [a-c]+ ")"'}}, lambda t: re.fullmatch(r"\([a-c]+\)", t)),
+        ({"guided_json": SCHEMA}, lambda t: jsonschema.validate(json.loads(t), SCHEMA) is None),
+    ):
+        r = client.chat.completions.create(model="tiny", messages=_messages("Pick.", with_image=False),
+                                           max_tokens=MAX_TOKENS, temperature=0, extra_body=body)
+        assert r.choices[0].finish_reason == "stop" and check(r.choices[0].message.content), (body, r)
+    r = client.completions.create(model="tiny", prompt="The code is", max_tokens=16, temperature=0,
+                                  extra_body={"guided_regex": "[A-Z]{4}"})
+    assert re.fullmatch("[A-Z]{4}", r.choices[0].text) and r.choices[0].finish_reason == "stop"
+
+    for kwargs, param, words in (
+        ({"response_format": _schema_format({"type": "object", "properties": {"a": {"type": "strng"}}})},
+         "response_format", 'Unsupported type "strng"'),
+        ({"extra_body": {"structured_outputs": {"regex": "(ab"}}}, "structured_outputs", "parenthesis"),
+        ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice",
+         "not in tools"),
+    ):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="tiny", messages=_messages("x", with_image=False), max_tokens=8,
+                                           **kwargs)
+        assert e.value.body["param"] == param and words in e.value.body["message"], e.value.body
