@@ -62,7 +62,7 @@ SERVER_FLAGS = (
 MEDIA_FLAGS = (
     "max_image_pixels", "max_media_bytes", "max_video_bytes", "image_timeout_s", "video_timeout_s",
     "max_redirects", "allowed_media_domains", "allow_private_media_urls", "allowed_local_media_path",
-    "video_fps", "max_video_frames", "max_video_duration_s", "max_video_frame_pixels", "media_workers",
+    "video_fps", "max_video_frames", "min_video_frames", "max_video_duration_s", "max_video_frame_pixels", "media_workers",
     "media_cache_bytes",
 )  # fmt: skip
 
@@ -153,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--allowed-local-media-path", help="serve file:// media from under this directory only")
     m.add_argument("--video-fps", type=float, help="frames sampled per second of video")
     m.add_argument("--max-video-frames", type=int)
+    m.add_argument("--min-video-frames", type=int, help="a short clip keeps at least this many frames (default 4)")
     m.add_argument("--max-video-duration-s", type=float)
     m.add_argument("--max-video-frame-pixels", type=int)
     m.add_argument("--media-workers", type=int, help="decode threads")
