@@ -87,6 +87,8 @@ class RunnerOutput:
     logprobs: dict[str, list[TokenLogprob]] = field(default_factory=dict)
     # Constrained requests whose grammar ended with this step's token: they stop here.
     grammar_finished: set[str] = field(default_factory=set)
+    # Constrained requests whose grammar could not be compiled: they end with an error.
+    grammar_failed: set[str] = field(default_factory=set)
 
 
 EMPTY_RUNNER_OUTPUT = RunnerOutput(req_ids=[], sampled_token_ids={})

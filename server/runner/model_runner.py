@@ -121,6 +121,7 @@ class ModelRunner:
         sampled: dict[str, list[int]] = {r: [] for r in order}
         logprobs = {}
         grammar_finished: set[str] = set()
+        grammar_failed: set[str] = set()
         if inputs.sampling_req_ids:
             logits = self.model.compute_logits(hidden[torch.from_numpy(inputs.logits_indices).to(self.device)])
             states = [self.requests[r] for r in inputs.sampling_req_ids]
@@ -132,11 +133,11 @@ class ModelRunner:
                 if lp is not None:
                     logprobs[st.req_id] = [lp]
             if constrained:
-                grammar_finished = self.grammar.accept(states, tokens)  # type: ignore[union-attr]
+                grammar_finished, grammar_failed = self.grammar.accept(states, tokens)  # type: ignore[union-attr]
         for req_id in order:
             self.requests[req_id].num_computed_tokens += out.num_scheduled_tokens[req_id]
         return RunnerOutput(req_ids=order, sampled_token_ids=sampled, logprobs=logprobs,
-                            grammar_finished=grammar_finished)
+                            grammar_finished=grammar_finished, grammar_failed=grammar_failed)
 
     def _constrain(self, logits: torch.Tensor, states: list[CachedRequestState]) -> bool:
         """Masks the constrained rows of `logits` [B, V] in place; False when none is."""

@@ -48,12 +48,13 @@ def compile_spec(compiler: xgr.GrammarCompiler, spec: StructuredSpec) -> xgr.Com
 
 
 class _Matcher:
-    __slots__ = ("matcher", "num_accepted", "failed")
+    __slots__ = ("matcher", "num_accepted", "failed", "error")
 
-    def __init__(self, matcher: xgr.GrammarMatcher) -> None:
-        self.matcher = matcher
+    def __init__(self, matcher: xgr.GrammarMatcher | None, error: str | None = None) -> None:
+        self.matcher = matcher  # None: the grammar did not compile (`error` says why)
         self.num_accepted = 0  # output tokens fed so far
-        self.failed = False
+        self.failed = matcher is None
+        self.error = error
 
 
 class GrammarRuntime:
@@ -97,10 +98,15 @@ class GrammarRuntime:
     def _matcher(self, st: CachedRequestState) -> _Matcher:
         m = self._matchers.get(st.req_id)
         if m is None:
-            compiled = self.prepare(st.sampling_params.structured).result()
-            # The grammar's end is EOS (allowed only once it is complete): the request ends on
-            # it even with ignore_eos (`accept` reports it), and EOS never becomes text.
-            m = _Matcher(xgr.GrammarMatcher(compiled))
+            try:
+                compiled = self.prepare(st.sampling_params.structured).result()
+            except Exception as e:  # the API validated it: this is our fault, and this request's only
+                logger.exception("request %s: its grammar did not compile", st.req_id)
+                m = _Matcher(None, str(e))
+            else:
+                # The grammar's end is EOS (allowed only once it is complete): the request ends on
+                # it even with ignore_eos (`accept` reports it), and EOS never becomes text.
+                m = _Matcher(xgr.GrammarMatcher(compiled))
             self._matchers[st.req_id] = m
         outputs = st.token_ids[st.num_prompt_tokens:]
         # Tokens the matcher has not seen: all outputs after a (re)admission, else none.
@@ -110,7 +116,7 @@ class GrammarRuntime:
 
     def _feed(self, req_id: str, m: _Matcher, token: int) -> None:
         m.num_accepted += 1
-        if m.failed or m.matcher.is_terminated():
+        if m.failed or m.matcher is None or m.matcher.is_terminated():
             return
         if not m.matcher.accept_token(token):
             # Only when the sampler overrode the mask (min_tokens masking the only allowed EOS).
@@ -130,7 +136,7 @@ class GrammarRuntime:
             self._bitmask = xgr.allocate_token_bitmask(max(len(states), 8), info_size)
         bitmask = self._bitmask
         for row, m in zip(rows, matchers):
-            if m.failed or m.matcher.is_terminated():
+            if m.failed or m.matcher is None or m.matcher.is_terminated():
                 bitmask[row].zero_()  # nothing is allowed; the scheduler ends it on this token
                 continue
             m.matcher.fill_next_token_bitmask(bitmask, row)
@@ -141,18 +147,23 @@ class GrammarRuntime:
         if logits.shape[-1] > info_size:  # LM-head padding past the tokenizer: never allowed
             logits[rows, info_size:] = float("-inf")
 
-    def accept(self, states: list[CachedRequestState], tokens: list[int]) -> set[str]:
+    def accept(self, states: list[CachedRequestState], tokens: list[int]) -> tuple[set[str], set[str]]:
         """Feeds each constrained row its sampled token (after the runner appended it to
-        `token_ids`); the ids whose grammar is now terminated or broken."""
+        `token_ids`). Returns (ids whose grammar is now terminated or left by the sampler: they
+        stop; ids whose grammar did not compile: they fail, alone)."""
         done: set[str] = set()
+        broken: set[str] = set()
         for st, tok in zip(states, tokens):
             if st.sampling_params.structured is None:
                 continue
             m = self._matchers[st.req_id]
+            if m.matcher is None:
+                broken.add(st.req_id)
+                continue
             self._feed(st.req_id, m, tok)
             if m.failed or m.matcher.is_terminated():
                 done.add(st.req_id)
-        return done
+        return done, broken
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

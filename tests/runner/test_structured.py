@@ -113,3 +113,14 @@ def test_bitmask_masks_constrained_rows_only_and_free_batches_compile_nothing(ti
     allowed = torch.isfinite(logits[1]).nonzero().flatten().tolist()
     tokenizer = llm.processor.tokenizer
     assert allowed and all("ab".startswith(tokenizer.decode([t])) and tokenizer.decode([t]) for t in allowed)
+
+
+def test_a_grammar_that_does_not_compile_fails_only_its_request(tiny_ckpt):
+    llm = make_llm(tiny_ckpt)
+    p = _prompts(llm, 1)[0]
+    # The API refuses this with a 400; an engine that gets it anyway fails the one request.
+    broken, ok = llm.generate([p, p], [_greedy(StructuredSpec("grammar", "root ::= undefined_rule")), _greedy(JSON)])
+    assert broken.finish_reason == "error"
+    assert ok.finish_reason == "stop" and jsonschema.validate(json.loads(ok.text), SCHEMA) is None
+    # Matchers live exactly as long as the runner's request state (dropped with it).
+    assert set(llm.runner.grammar._matchers) == set(llm.runner.requests)
