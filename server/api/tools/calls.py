@@ -123,19 +123,3 @@ def plan_tools(tools: list[Any] | None, tool_choice: Any, parallel_tool_calls: b
                         spec=schema_spec(fn["parameters"], f"tools[{functions.index(fn)}].function.parameters"))
     raise APIError("tool_choice must be 'none', 'auto', 'required' or "
                    "{\"type\": \"function\", \"function\": {\"name\": ...}}", param="tool_choice")
-
-
-def grammar_calls(plan: ToolPlan, text: str) -> list[ToolCall] | None:
-    """The calls of a grammar-forced output ("named" / "required"), arguments as the raw JSON
-    text generated (what streaming sends in fragments); None if the text is not complete JSON
-    (the request hit max_tokens first)."""
-    try:
-        json.loads(text)
-    except json.JSONDecodeError:
-        return None
-    if plan.mode == "named":
-        return [ToolCall(plan.named or "", text.strip())]
-    from vlmserve.api.tools.streaming import scan_call_array
-
-    return [ToolCall(c.name, text[c.args_start:c.args_end]) for c in scan_call_array(text)
-            if c.name is not None and c.args_end is not None]

@@ -157,10 +157,22 @@ class ToolStreamer:
                     for i, c in enumerate(calls)]
 
 
+def grammar_calls(plan: ToolPlan, text: str) -> list[ToolCall] | None:
+    """The calls of a grammar-forced output ("named" / "required"), arguments as the raw JSON
+    text generated (what streaming sends in fragments); None if the text is not complete JSON
+    (the request hit max_tokens first)."""
+    try:
+        json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    if plan.mode == "named":
+        return [ToolCall(plan.named or "", text.strip())]
+    return [ToolCall(c.name, text[c.args_start:c.args_end]) for c in scan_call_array(text)
+            if c.name is not None and c.args_end is not None]
+
+
 def message_calls(plan: ToolPlan, fmt: ToolFormat, text: str) -> tuple[str | None, list[ToolCall]]:
     """(content, calls) of a whole, non-streamed output."""
-    from vlmserve.api.tools.calls import grammar_calls
-
     if plan.mode in ("named", "required"):
         calls = grammar_calls(plan, text)
         return (None, calls) if calls else (text, [])
