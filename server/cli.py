@@ -36,8 +36,12 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int)
     g.add_argument("--block-size", type=int)
     g.add_argument("--num-kv-blocks", type=int, help="KV cache size in blocks (default: from --kv-cache-memory-gb)")
-    g.add_argument("--kv-cache-memory-gb", type=float)
+    g.add_argument("--kv-cache-memory-gb", type=float,
+                   help="KV cache size in GiB (default: sized by --gpu-memory-utilization on CUDA, 1 GiB elsewhere)")
     g.add_argument("--num-cross-kv-blocks", type=int, help="cross-attention K/V pool (Mllama) in blocks")
+    g.add_argument("--gpu-memory-utilization", type=float,
+                   help="on CUDA, the fraction of device memory for weights, activations and the KV cache; the "
+                        "cache gets what a profiled largest step leaves (default 0.9; --kv-cache-memory-gb overrides)")
     g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false", default=None)
     g.add_argument("--max-model-len", type=int)
     g.add_argument("--max-num-batched-tokens", type=int)
@@ -50,6 +54,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
 
 ENGINE_FLAGS = (
     "dtype", "device", "kernel_backend", "seed", "block_size", "num_kv_blocks", "kv_cache_memory_gb", "num_cross_kv_blocks",
+    "gpu_memory_utilization",
     "enable_prefix_caching", "max_model_len", "max_num_batched_tokens", "max_num_seqs",
     "max_encoder_tokens_per_step", "encoder_cache_size", "min_pixels", "max_pixels", "engine_mode",
 )  # fmt: skip

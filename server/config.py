@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from vlmserve.multimodal.media import MediaConfig
+from vlmserve.multimodal.types import MediaConfig
 
 
 @dataclass(frozen=True)
@@ -24,9 +24,13 @@ class EngineConfig:
     block_size: int = 16
     num_kv_blocks: int | None = None  # None: derived from kv_cache_memory_gb
     # Cross-attention families (Mllama): blocks of the per-request cross K/V pool.
-    # None: a quarter of kv_cache_memory_gb on top of the self-attention cache.
+    # None: a quarter of kv_cache_memory_gb on top of the self-attention cache (on CUDA with
+    # the cache sized by gpu_memory_utilization: a fifth of that budget).
     num_cross_kv_blocks: int | None = None
-    kv_cache_memory_gb: float = 1.0
+    # None: on CUDA, whatever gpu_memory_utilization leaves after the weights and a profiled
+    # step (engine/memory.py); elsewhere 1 GiB.
+    kv_cache_memory_gb: float | None = None
+    gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
     # Scheduling.
     max_model_len: int | None = None  # None: the checkpoint's max_position_embeddings
@@ -53,6 +57,10 @@ class EngineConfig:
         for name in ("block_size", "max_num_batched_tokens", "max_num_seqs", "max_encoder_tokens_per_step"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.kv_cache_memory_gb is not None and not self.kv_cache_memory_gb > 0:
+            raise ValueError(f"kv_cache_memory_gb must be greater than 0, got {self.kv_cache_memory_gb}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
             raise ValueError(f"num_kv_blocks must be at least 2, got {self.num_kv_blocks}")
 

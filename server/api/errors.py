@@ -16,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from vlmserve.multimodal.media import MediaError
+from vlmserve.multimodal.types import MediaError
 
 logger = logging.getLogger(__name__)
 

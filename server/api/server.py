@@ -18,7 +18,7 @@ import uvicorn
 from vlmserve.api.app import create_app
 from vlmserve.config import Config
 from vlmserve.engine.async_engine import AsyncEngine
-from vlmserve.engine.builder import build_core_client
+from vlmserve.engine.core_client import build_core_client
 from vlmserve.engine.core_client import ProcessCoreClient
 from vlmserve.multimodal.media import MediaLoader
 

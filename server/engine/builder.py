@@ -7,11 +7,13 @@
   mode and for the offline `LLM`, the caller's process.
 
 `build_engine` builds both in this process (the offline `LLM`, `vlmserve bench`);
-`build_core_client` builds what the server needs for its `engine_mode`.
+`core_client.build_core_client` builds what the server needs for its `engine_mode` (it imports
+this module; this module imports no client).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +23,14 @@ import torch
 
 from vlmserve import kernels
 from vlmserve.config import EngineConfig
-from vlmserve.engine.core_client import CoreClient, ProcessCoreClient, ThreadCoreClient
+from vlmserve.engine import memory
 from vlmserve.engine.engine_core import EngineCore
+from vlmserve.engine.request import Request
+from vlmserve.engine.sampling_params import SamplingParams
 from vlmserve.engine.scheduler import Scheduler
 from vlmserve.models import registry
 from vlmserve.models.loader import load_model, read_hf_config, resolve_model_dir
+from vlmserve.multimodal.inputs import ProcessedPrompt
 from vlmserve.runner.grammar_vocab import load_tokenizer_info
 from vlmserve.runner.model_runner import ModelRunner, kv_block_bytes
 from vlmserve.runner.structured import GrammarRuntime
@@ -100,20 +105,24 @@ def build_core(config: EngineConfig, model_dir: Path, eos_token_ids: Callable[[]
     dtype = next(model.parameters()).dtype
 
     max_model_len = context_length(config.max_model_len, model_config)
-    if config.num_kv_blocks is not None:
-        num_blocks = config.num_kv_blocks
+    block_bytes = kv_block_bytes(model, config.block_size, dtype)
+    cross_block_bytes = kv_block_bytes(model, config.block_size, dtype, cross=True) if model.cross_kv_cache_spec else 0
+    if config.num_kv_blocks is None and config.kv_cache_memory_gb is None and device.type == "cuda":
+        mem = memory.CudaMemory(device)
+        peak = memory.profile_activation_peak(mem, lambda: _profile_step(model, config, dtype, device, max_model_len))
+        plan = memory.plan_kv_cache(mem, config.gpu_memory_utilization, peak, block_bytes, cross_block_bytes)
+        logger.info("KV cache sized from device memory: %s", plan.describe())
+        num_blocks, sized_cross_blocks = plan.num_blocks, plan.num_cross_blocks
     else:
-        num_blocks = int(config.kv_cache_memory_gb * 2**30) // kv_block_bytes(model, config.block_size, dtype)
-    if num_blocks < 2:
-        raise ValueError(
-            f"--kv-cache-memory-gb {config.kv_cache_memory_gb} holds only {num_blocks} KV blocks; raise it"
-        )
+        gib = config.kv_cache_memory_gb or 1.0
+        num_blocks = config.num_kv_blocks or int(gib * 2**30) // block_bytes
+        sized_cross_blocks = int(gib * 2**30 * 0.25) // cross_block_bytes if cross_block_bytes else 0
+        if num_blocks < 2:
+            raise ValueError(f"--kv-cache-memory-gb {gib} holds only {num_blocks} KV blocks; raise it")
     num_cross_blocks = 0
     if model.cross_kv_cache_spec is not None:
-        cross_block_bytes = kv_block_bytes(model, config.block_size, dtype, cross=True)
         # No cross-attention layers (a config may list none): blocks are bookkeeping only, free.
-        budget = int(config.kv_cache_memory_gb * 2**30 * 0.25) // cross_block_bytes if cross_block_bytes else 1 << 16
-        num_cross_blocks = config.num_cross_kv_blocks or max(2, budget)
+        num_cross_blocks = config.num_cross_kv_blocks or (max(2, sized_cross_blocks) if cross_block_bytes else 1 << 16)
     eos = frozenset(eos_token_ids())
     grammar = GrammarRuntime(lambda: load_tokenizer_info(model_dir, hf_config, eos))
     runner = ModelRunner(
@@ -135,27 +144,28 @@ def build_core(config: EngineConfig, model_dir: Path, eos_token_ids: Callable[[]
     return CoreParts(EngineCore(scheduler, runner), max_model_len, num_blocks)
 
 
+def _profile_step(model: Any, config: EngineConfig, dtype: torch.dtype, device: torch.device, max_model_len: int) -> int:
+    """One step at the largest batch the config allows, over a throwaway KV cache just big
+    enough: `max_num_batched_tokens` prompt tokens over up to `max_num_seqs` requests, each
+    completing its prefill, so every row is sampled. Returns the throwaway cache's bytes."""
+    seqs = min(config.max_num_seqs, config.max_num_batched_tokens)
+    num_blocks = memory.profile_blocks(config.max_num_batched_tokens, seqs, config.block_size)
+    # No prefix caching: the dummy prompts must all be computed.
+    profile_config = dataclasses.replace(config, enable_prefix_caching=False)
+    runner = ModelRunner(model, num_blocks=num_blocks, block_size=config.block_size, dtype=dtype, device=device,
+                         eos_token_ids=frozenset(), seed=config.seed)
+    core = EngineCore(Scheduler(profile_config, num_blocks, max_model_len), runner)
+    base, extra = divmod(config.max_num_batched_tokens, seqs)
+    for i in range(seqs):
+        n = min(base + (i < extra), max_model_len - 1)
+        core.add_request(Request(f"profile-{i}", ProcessedPrompt([(i + j) % 64 for j in range(n)]),
+                                 SamplingParams(max_tokens=1, ignore_eos=True)))
+    core.step()
+    return num_blocks * kv_block_bytes(model, config.block_size, dtype)
+
+
 def build_engine(config: EngineConfig) -> EngineParts:
     frontend = build_frontend(config)
     core = build_core(config, frontend.model_dir, lambda: frontend.processor.eos_token_ids)
     return EngineParts(core.core, frontend.processor, frontend.model_dir, core.max_model_len,
                        frontend.default_model_name)
-
-
-def build_core_client(config: EngineConfig) -> tuple[CoreClient, FrontendParts]:
-    """The server's engine, per `config.engine_mode`, not yet started. Process mode spawns the
-    engine-core process first: it imports torch and loads the weights while this process
-    builds the processor (then sends it the EOS ids, the one thing the core needs from it)."""
-    if config.engine_mode == "thread":
-        frontend = build_frontend(config)
-        parts = build_core(config, frontend.model_dir, lambda: frontend.processor.eos_token_ids)
-        return ThreadCoreClient(parts.core, parts.max_model_len, parts.num_kv_blocks), frontend
-    model_dir = resolve_model_dir(config.model)  # a hub download happens once, here
-    client = ProcessCoreClient(config, model_dir)
-    try:
-        frontend = build_frontend(config, model_dir)
-    except BaseException:
-        client.shutdown()
-        raise
-    client.send_init(frontend.processor.eos_token_ids)
-    return client, frontend

@@ -37,6 +37,8 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from vlmserve.config import EngineConfig
+from vlmserve.engine.builder import FrontendParts, build_core, build_frontend, resolve_device
+from vlmserve.models.loader import resolve_model_dir
 from vlmserve.engine.engine_core import EngineCore
 from vlmserve.engine.outputs import EngineCoreOutput
 
@@ -307,8 +309,6 @@ def core_process_main(config: EngineConfig, model_dir: Path, down: Any, up: Any)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s [engine-core]: %(message)s")
     import torch
 
-    from vlmserve.engine.builder import build_core, resolve_device
-
     if resolve_device(config.device).type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # The model runs on these CPUs too: leave one core to the API process (HTTP, media,
         # detokenization). Intra-op threads that contend with it cost more than they gain
@@ -358,3 +358,22 @@ def core_process_main(config: EngineConfig, model_dir: Path, down: Any, up: Any)
         except OSError:
             pass
         sys.exit(1)
+
+
+def build_core_client(config: EngineConfig) -> tuple[CoreClient, FrontendParts]:
+    """The server's engine, per `config.engine_mode`, not yet started. Process mode spawns the
+    engine-core process first: it imports torch and loads the weights while this process
+    builds the processor (then sends it the EOS ids, the one thing the core needs from it)."""
+    if config.engine_mode == "thread":
+        frontend = build_frontend(config)
+        parts = build_core(config, frontend.model_dir, lambda: frontend.processor.eos_token_ids)
+        return ThreadCoreClient(parts.core, parts.max_model_len, parts.num_kv_blocks), frontend
+    model_dir = resolve_model_dir(config.model)  # a hub download happens once, here
+    client = ProcessCoreClient(config, model_dir)
+    try:
+        frontend = build_frontend(config, model_dir)
+    except BaseException:
+        client.shutdown()
+        raise
+    client.send_init(frontend.processor.eos_token_ids)
+    return client, frontend

@@ -35,7 +35,7 @@ from PIL import (
     WebPImagePlugin,
 )
 
-from vlmserve.multimodal.media import MediaError
+from vlmserve.multimodal.types import MediaError
 
 FORMATS = "PNG, JPEG, WEBP, GIF or BMP"
 # What Pillow raises for bad data: truncation is OSError("image file is truncated"), broken

@@ -28,7 +28,7 @@ from urllib.parse import unquote, urlsplit
 import httpcore
 import httpx
 
-from vlmserve.multimodal.media import MediaConfig, MediaError
+from vlmserve.multimodal.types import MediaConfig, MediaError
 from vlmserve.multimodal.ssrf import HostPolicy, IPAddress, Resolver
 
 Kind = Literal["image", "video"]

@@ -24,7 +24,7 @@ import ipaddress
 import socket
 from typing import Awaitable, Callable, Iterable, Sequence, Union
 
-from vlmserve.multimodal.media import MediaError
+from vlmserve.multimodal.types import MediaError
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 # (host, port) -> addresses as strings; may be sync or async.

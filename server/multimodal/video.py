@@ -30,7 +30,7 @@ import numpy as np
 
 from vlmserve.multimodal.decode import check_pixels
 from vlmserve.multimodal.frame_sampling import fps_frame_indices
-from vlmserve.multimodal.media import MediaConfig, MediaError, VideoFrames
+from vlmserve.multimodal.types import MediaConfig, MediaError, VideoFrames
 
 _CONTAINERS = "mov,mp4,matroska,webm,avi,mpegts,mpeg,flv,ogg"
 _OPEN_OPTIONS = {"format_whitelist": _CONTAINERS, "enable_drefs": "0"}

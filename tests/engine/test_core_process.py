@@ -17,7 +17,7 @@ import pytest
 
 from vlmserve.config import EngineConfig
 from vlmserve.engine.async_engine import AsyncEngine, EngineDeadError
-from vlmserve.engine.builder import build_core_client
+from vlmserve.engine.core_client import build_core_client
 from vlmserve.engine.core_client import EngineStartupError, ProcessCoreClient
 from vlmserve.engine.sampling_params import SamplingParams
 from tests.utils import image, process_exited, user, wait_process_exited

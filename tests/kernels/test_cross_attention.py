@@ -147,7 +147,7 @@ def triton_backend():
 def test_triton_backend_dispatches_cross_attention_to_the_kernel(triton_backend, device, tol):
     launcher = importlib.import_module("vlmserve.kernels.cross_attention").cross_attention
     assert kernels._impl("cross_attention", torch.zeros(1)) is launcher
-    assert callable(kernels.cross_attention) and kernels.cross_attention.__module__ == "kernels"
+    assert callable(kernels.cross_attention) and kernels.cross_attention.__module__ == "vlmserve.kernels"
     args = (*_cross_batch([6], [[[0, 3], [0, 0]]], 2, 1, 64, 4, torch.float32, device), 0.125)
     torch.testing.assert_close(kernels.cross_attention(*args), reference.cross_attention(*args), **tol(torch.float32))
 

@@ -20,10 +20,10 @@ def triton_backend():
 
 @pytest.mark.parametrize("op", OPS)
 def test_triton_backend_picks_the_triton_launcher_for_cpu_tensors(op, triton_backend):
-    launcher = getattr(importlib.import_module(f"kernels.{op}"), op)
+    launcher = getattr(importlib.import_module(f"vlmserve.kernels.{op}"), op)
     assert kernels._impl(op, torch.zeros(1)) is launcher
     # Importing kernels.<op> must leave the package's dispatcher in place.
-    assert callable(getattr(kernels, op)) and getattr(kernels, op).__module__ == "kernels"
+    assert callable(getattr(kernels, op)) and getattr(kernels, op).__module__ == "vlmserve.kernels"
 
 
 def test_dispatched_rms_norm_launches_the_triton_kernel(triton_backend, monkeypatch, tol):

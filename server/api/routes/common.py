@@ -12,7 +12,7 @@ from vlmserve.api.errors import APIError, internal_error
 from vlmserve.api.protocol import PromptTokensDetails, SamplingRequest, Usage, unsupported_param
 from vlmserve.engine.client import EngineClient
 from vlmserve.multimodal.inputs import ProcessedPrompt
-from vlmserve.multimodal.media import MediaError
+from vlmserve.multimodal.types import MediaError
 
 logger = logging.getLogger(__name__)
 

@@ -36,54 +36,6 @@ if TYPE_CHECKING:
 
 TOKENIZER_FILE = "tekken.json"
 _MISTRAL_PREFIXES = ("tok_embeddings.", "layers.", "norm.", "output.", "vision_encoder.", "vision_language_adapter.")
-_DEFAULT_MAX_POSITIONS = 131072  # Pixtral-12B's 128k context; params.json does not state it
-
-
-def config_from_params(params: dict[str, Any]) -> PixtralModelConfig:
-    from vlmserve.models.pixtral.config import PixtralModelConfig, PixtralVisionModelConfig
-
-    v = params.get("vision_encoder")
-    if not v:
-        raise ValueError("params.json has no vision_encoder section: only Mistral-format Pixtral is supported")
-    for key in ("dim", "n_layers", "hidden_dim", "n_heads", "vocab_size"):
-        if key not in params:
-            raise ValueError(f"params.json is missing {key!r}")
-    if v.get("spatial_merge_size", 1) != 1 or v.get("add_pre_mm_projector_layer_norm"):
-        raise ValueError("params.json describes a patch-merging vision encoder (Mistral Small 3.1); not supported")
-    heads = int(params["n_heads"])
-    return PixtralModelConfig(
-        vocab_size=int(params["vocab_size"]),
-        hidden_size=int(params["dim"]),
-        intermediate_size=int(params["hidden_dim"]),
-        num_hidden_layers=int(params["n_layers"]),
-        num_attention_heads=heads,
-        num_key_value_heads=int(params.get("n_kv_heads") or heads),
-        head_dim=int(params.get("head_dim") or int(params["dim"]) // heads),
-        rms_norm_eps=float(params.get("norm_eps", 1e-5)),
-        rope_theta=float(params.get("rope_theta") or 10000.0),
-        max_position_embeddings=int(params.get("max_position_embeddings") or _DEFAULT_MAX_POSITIONS),
-        tie_word_embeddings=bool(params.get("tied_embeddings", False)),
-        vision=PixtralVisionModelConfig(
-            hidden_size=int(v["hidden_size"]),
-            intermediate_size=int(v["intermediate_size"]),
-            num_hidden_layers=int(v["num_hidden_layers"]),
-            num_attention_heads=int(v["num_attention_heads"]),
-            num_channels=int(v.get("num_channels", 3)),
-            image_size=int(v.get("max_image_size") or v["image_size"]),
-            patch_size=int(v["patch_size"]),
-            hidden_act="silu",
-            rope_theta=float(v.get("rope_theta", 10000.0)),
-        ),
-        projector_bias=bool(v.get("adapter_bias", True)),
-        vision_feature_layers=(-1,),
-        image_token_id=int(v.get("image_token_id", 10)),
-        image_break_token_id=int(v.get("image_break_token_id", 12)),
-        image_end_token_id=int(v.get("image_end_token_id", 13)),
-        checkpoint_dtype=None,  # params.json names none; the loader then picks bfloat16 off the CPU
-        weight_format="mistral",
-        bos_token_id=1,
-        eos_token_ids=(2,),
-    )
 
 
 # --- weights ------------------------------------------------------------------------------
