@@ -128,6 +128,13 @@ def normalize_patchify(
     )
 
 
+def resize_patchify(
+    pixels, levels, y_starts, y_weights, x_starts, x_weights, mean, std, origins, place, crop_size, patch_size
+):
+    return _impl("resize_patchify", pixels)(
+        pixels, levels, y_starts, y_weights, x_starts, x_weights, mean, std, origins, place, crop_size, patch_size
+    )
+
 class _KernelPackage(type(importlib)):
     """Importing the Triton module `kernels.<op>` (by `_triton_op` or any `from kernels.<op>
     import ...`) makes Python bind the package attribute `<op>` to that submodule, replacing

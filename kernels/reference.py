@@ -292,6 +292,7 @@ def normalize_patchify(
     (channel, frame in the temporal patch, patch row, patch col). layout "patches":
     [grid_h * grid_w, 3 * P * P], rows row-major over the patch grid, columns (channel, patch
     row, patch col) — a Conv2d patch embedding's order; merge_size = temporal_patch_size = 1.
+    Frames [T, H, W, 3] in layout "patches" give each frame's rows in turn (NVLM-D's tiles).
     The lookup is exact: for a table built with a family's own arithmetic, the output is bit
     for bit that family's reference processor output."""
     grid_t, gh, gw = check_patchify_args(pixels, lut, patch_size, merge_size, temporal_patch_size, layout)
@@ -357,3 +358,96 @@ def cross_attention(
         scores = scores.masked_fill(outside.unsqueeze(0), float("-inf"))
         out[s:e] = torch.matmul(torch.softmax(scores, dim=-1), vt).transpose(0, 1).to(q.dtype)
     return out
+
+
+def check_resize_patchify_args(
+    pixels: torch.Tensor,
+    levels: torch.Tensor,
+    y_starts: torch.Tensor,
+    y_weights: torch.Tensor,
+    x_starts: torch.Tensor,
+    x_weights: torch.Tensor,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    origins: torch.Tensor,
+    place: tuple[int, int],
+    crop_size: int,
+    patch_size: int,
+) -> None:
+    """Validates `resize_patchify`'s inputs (shared by the Triton launcher)."""
+    op = "resize_patchify"
+    dev = pixels.device
+    if pixels.dtype != torch.uint8 or pixels.dim() != 3 or pixels.shape[-1] != 3 or pixels.numel() == 0:
+        raise ValueError(f"{op}: pixels must be non-empty uint8 [H, W, 3], got {pixels.dtype} {tuple(pixels.shape)}")
+    for name, t, dtype, dims in (
+        ("levels", levels, torch.float32, 1), ("y_starts", y_starts, torch.int32, 1),
+        ("y_weights", y_weights, torch.float32, 2), ("x_starts", x_starts, torch.int32, 1),
+        ("x_weights", x_weights, torch.float32, 2), ("mean", mean, torch.float32, 1),
+        ("std", std, torch.float32, 1), ("origins", origins, torch.int32, 2),
+    ):
+        if t.dtype != dtype or t.dim() != dims or t.device != dev or not t.is_contiguous():
+            raise ValueError(f"{op}: {name} must be contiguous {dtype} with {dims} dims on {dev}, got "
+                             f"{t.dtype} {tuple(t.shape)} on {t.device}")
+    if levels.numel() != 256 or mean.numel() != 3 or std.numel() != 3:
+        raise ValueError(f"{op}: levels must have 256 entries and mean/std 3")
+    if y_weights.shape[0] != y_starts.numel() or x_weights.shape[0] != x_starts.numel():
+        raise ValueError(f"{op}: weights must have one row per output row/column")
+    if y_starts.numel() == 0 or x_starts.numel() == 0:
+        raise ValueError(f"{op}: the resized image is empty")
+    if origins.shape[-1] != 2 or origins.shape[0] == 0:
+        raise ValueError(f"{op}: origins must be int32 [n_crops, 2] (top, left)")
+    if crop_size < 1 or patch_size < 1 or crop_size % patch_size:
+        raise ValueError(f"{op}: crop_size ({crop_size}) must be a positive multiple of patch_size ({patch_size})")
+    if place[0] < 0 or place[1] < 0:
+        raise ValueError(f"{op}: place must be non-negative, got {place}")
+
+
+def resize_patchify(
+    pixels: torch.Tensor,
+    levels: torch.Tensor,
+    y_starts: torch.Tensor,
+    y_weights: torch.Tensor,
+    x_starts: torch.Tensor,
+    x_weights: torch.Tensor,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    origins: torch.Tensor,
+    place: tuple[int, int],
+    crop_size: int,
+    patch_size: int,
+) -> torch.Tensor:
+    """uint8 pixels → a separable span resize onto a zero canvas → normalised crops as patch rows.
+
+    pixels uint8 [H, W, 3]; level v becomes levels[v] (float32 [256], e.g. v * (1/255)). The
+    resize is TensorFlow's `ScaleAndTranslate` form: output row r is
+    sum_i y_weights[r, i] * input row (y_starts[r] + i) (rows first, float32, accumulated in i
+    order), then the same over columns; taps past the input's edge have weight 0. The resized
+    [Ho, Wo] image is clipped to [0, 1] and sits at `place` (top, left) on a canvas of zeros;
+    each canvas value x becomes (x - mean[c]) / std[c]. Crop k is the crop_size² window of the
+    canvas at origins[k] (top, left); it comes out as [(crop/P)², P * P * 3] rows, patches
+    row-major, each flattened (patch row, patch col, channel) — Molmo's `images` layout.
+    Returns float32 [n_crops, (crop/P)², P * P * 3]."""
+    check_resize_patchify_args(pixels, levels, y_starts, y_weights, x_starts, x_weights, mean, std, origins,
+                               place, crop_size, patch_size)
+    h, w = pixels.shape[:2]
+    x = levels[pixels.long()]  # [H, W, 3] float32
+    rows = torch.zeros((y_starts.numel(), w, 3), dtype=torch.float32, device=pixels.device)
+    for i in range(y_weights.shape[1]):
+        src = (y_starts.long() + i).clamp(max=h - 1)
+        rows += y_weights[:, i, None, None] * x[src]
+    resized = torch.zeros((y_starts.numel(), x_starts.numel(), 3), dtype=torch.float32, device=pixels.device)
+    for j in range(x_weights.shape[1]):
+        src = (x_starts.long() + j).clamp(max=w - 1)
+        resized += x_weights[None, :, j, None] * rows[:, src]
+    resized.clamp_(0.0, 1.0)
+    top, left = place
+    ho, wo = resized.shape[:2]
+    canvas_h = max(int(origins[:, 0].max()) + crop_size, top + ho)
+    canvas_w = max(int(origins[:, 1].max()) + crop_size, left + wo)
+    canvas = torch.zeros((canvas_h, canvas_w, 3), dtype=torch.float32, device=pixels.device)
+    canvas[top : top + ho, left : left + wo] = resized
+    canvas = (canvas - mean) / std
+    p, n = patch_size, crop_size // patch_size
+    crops = [canvas[int(t) : int(t) + crop_size, int(l) : int(l) + crop_size] for t, l in origins.tolist()]
+    out = torch.stack(crops).reshape(len(crops), n, p, n, p, 3).permute(0, 1, 3, 2, 4, 5)
+    return out.reshape(len(crops), n * n, p * p * 3).contiguous()

@@ -21,7 +21,7 @@ from starlette.types import Receive, Scope, Send
 
 from vlmserve.api.errors import APIError, internal_error
 from vlmserve.api.sampling import params_for_choice
-from vlmserve.engine.client import EngineClient, RequestRejected
+from vlmserve.engine.client import EngineClient, EngineDeadError, RequestRejected
 from vlmserve.engine.outputs import RequestOutput, TokenLogprob
 from vlmserve.engine.sampling_params import SamplingParams
 from vlmserve.multimodal.inputs import ProcessedPrompt
@@ -100,6 +100,11 @@ def _checked(item: RequestOutput | BaseException, engine_request_id: str) -> Req
     """An engine output, or the APIError its failure is answered with."""
     if isinstance(item, RequestRejected):
         raise APIError(str(item), 400, code="request_rejected")
+    if isinstance(item, EngineDeadError):
+        logger.error("engine request %s failed: %s", engine_request_id, item)
+        raise APIError("the engine stopped after an internal error (the server log has the cause) and this "
+                       "replica no longer serves (/health answers 503): retry the request", 500,
+                       code="engine_error")
     if isinstance(item, BaseException):
         logger.error("engine request %s failed", engine_request_id, exc_info=item)
         raise internal_error()

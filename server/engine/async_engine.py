@@ -22,7 +22,7 @@ from typing import Any, AsyncIterator
 
 from PIL import Image
 
-from vlmserve.engine.client import RequestRejected
+from vlmserve.engine.client import EngineDeadError, RequestRejected
 from vlmserve.engine.core_client import CoreClient, StepResult
 from vlmserve.engine.detokenizer import IncrementalDetokenizer, text_token_ids
 from vlmserve.engine.metrics import EngineMetrics
@@ -32,10 +32,6 @@ from vlmserve.engine.sampling_params import SamplingParams
 from vlmserve.multimodal.inputs import ProcessedPrompt
 
 logger = logging.getLogger(__name__)
-
-
-class EngineDeadError(RuntimeError):
-    """The engine loop failed; the server must be restarted (``/health`` reports 503)."""
 
 
 @dataclass
@@ -170,7 +166,9 @@ class AsyncEngine:
             raise EngineDeadError(self._dead or "the engine is not running; restart the server")
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
-        stream = _Stream(request_id, prompt, IncrementalDetokenizer(self.tokenizer, prompt.prompt_token_ids, sampling_params))
+        stream = _Stream(request_id, prompt, IncrementalDetokenizer(
+            self.tokenizer, prompt.prompt_token_ids, sampling_params, getattr(self.processor, "strips_output_whitespace", False)
+        ))
         self._streams[request_id] = stream
         request = Request(request_id, prompt, sampling_params, eos_token_ids=self.eos_token_ids)
         self.core.add_request(request)

@@ -23,6 +23,12 @@ class RequestRejected(ValueError):
     message names the limit and the flag that raises it; the API answers 400."""
 
 
+class EngineDeadError(RuntimeError):
+    """The engine stopped (its loop failed, its process died, or the pipe to it broke): every
+    request in flight ends with this, ``/health`` reports 503, and the server must be
+    restarted. The message is for the log; the API answers a fixed 500 `engine_error`."""
+
+
 class EngineClient(Protocol):
     model_name: str  # the served model name (what /v1/models lists)
     max_model_len: int

@@ -90,10 +90,17 @@ def run_step_loop(
     publish: Callable[[StepResult], None],
 ) -> None:
     """`next_inputs(block)` returns every pending input (waiting a while for one if `block`:
-    the core is idle), or None to stop. Exceptions of a step propagate: the engine is dead."""
+    the core is idle, or its last step could do nothing), or None to stop. Exceptions of a
+    step propagate: the engine is dead.
+
+    A step that did nothing (scheduled no token, preempted nothing, produced no output)
+    leaves the scheduler as it was: only an input (an abort, a new request) or the timeout
+    can change that, so the loop blocks on the inputs instead of spinning, and publishes
+    nothing for such a step."""
     num_steps = 0
+    stalled = False
     while True:
-        inputs = next_inputs(not core.has_unfinished_requests())
+        inputs = next_inputs(stalled or not core.has_unfinished_requests())
         if inputs is None:
             return
         rejected = []
@@ -106,11 +113,13 @@ def run_step_loop(
             else:
                 core.abort_requests(payload)
         outputs: list[EngineCoreOutput] = []
+        stalled = False
         if core.has_unfinished_requests():
             outputs = core.step()
             num_steps += 1
-        elif not inputs:
-            continue  # idle and nothing changed: send nothing
+            stalled = not outputs and not core.last_step_progressed
+        if not inputs and (stalled or not core.has_unfinished_requests() and not outputs):
+            continue  # idle or stalled, and nothing changed: send nothing
         publish(StepResult(outputs, rejected, core_stats(core, num_steps)))
 
 
@@ -202,6 +211,8 @@ class ProcessCoreClient:
         self._threads: list[threading.Thread] = []
         self._stopping = False
         self._dead = False
+        self._on_dead: Callable[[str], None] | None = None
+        self._dead_lock = threading.Lock()
 
     @property
     def pid(self) -> int | None:
@@ -227,6 +238,8 @@ class ProcessCoreClient:
             self._proc.join(5)
             raise EngineStartupError(f"the engine process failed to load the model: {payload}")
 
+        self._on_dead = on_dead
+
         def read() -> None:
             try:
                 while True:
@@ -234,13 +247,14 @@ class ProcessCoreClient:
                     if kind == "step":
                         on_step(payload)
                     else:  # "dead": the child logged the traceback
-                        self._dead = True
-                        on_dead(payload)
+                        self._die(payload)
                         return
             except (EOFError, OSError):
                 if not self._stopping:
-                    self._dead = True
-                    on_dead(f"the engine process died ({_describe_exit(self._proc)}); restart the server")
+                    self._die(f"the engine process died ({_describe_exit(self._proc)}); restart the server")
+            except BaseException as e:  # unpickling, memory, a failing callback: nothing more arrives
+                logger.exception("the engine pipe reader failed")
+                self._die(f"the engine pipe reader failed: {e!r}")
 
         self._threads = [threading.Thread(target=read, name="engine-core-reader", daemon=True),
                          threading.Thread(target=self._write, name="engine-core-writer", daemon=True)]
@@ -267,8 +281,28 @@ class ProcessCoreClient:
                     _send(self._down, ("shutdown", None))
             except OSError:  # the child is gone; the reader reports it
                 return
+            except BaseException as e:  # pickling, memory: these inputs never reach the child
+                logger.exception("the engine pipe writer failed")
+                self._die(f"the engine pipe writer failed: {e!r}")
+                return
             if stop:
                 return
+
+    def _die(self, message: str) -> None:
+        """Once, from whichever pipe thread fails first: the engine is dead to this process
+        (`is_alive` False, `on_dead` fails every request in flight). Closing the down pipe
+        tells the child to exit, so it also stops reading into a half-lost state."""
+        with self._dead_lock:
+            if self._dead:
+                return
+            self._dead = True
+        if not self._stopping:
+            try:
+                self._down.close()
+            except OSError:
+                pass
+        if self._on_dead is not None:
+            self._on_dead(message)
 
     def add_request(self, request: Any) -> None:
         self._outbox.put(("add", request))

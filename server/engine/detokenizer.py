@@ -17,6 +17,10 @@ request; otherwise everything is released except the longest suffix of `_pending
 a prefix of some stop string (at most `max(len(stop)) - 1` characters), because the next
 tokens may complete it. `flush()` releases what is left when the request ends without a
 stop string.
+
+`strip_whitespace` (families whose official chat returns `response.strip()`, NVLM-D): the
+text is streamed as if the whole answer were stripped: leading whitespace is dropped, and a
+whitespace run is held back until text follows it (dropped if the answer ends there).
 """
 
 from __future__ import annotations
@@ -54,7 +58,9 @@ def _ids_decoder(tokenizer: Any, skip_special_tokens: bool) -> Callable[[list[in
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: Any, prompt_token_ids: Sequence[int], params: SamplingParams) -> None:
+    def __init__(
+        self, tokenizer: Any, prompt_token_ids: Sequence[int], params: SamplingParams, strip_whitespace: bool = False
+    ) -> None:
         """`tokenizer`: a transformers tokenizer (anything with `decode(ids, skip_special_tokens=...,
         clean_up_tokenization_spaces=...)`)."""
         self.tokenizer = tokenizer
@@ -68,6 +74,9 @@ class IncrementalDetokenizer:
         self.stop_reason: str | None = None  # the stop string that ended the request
         self._pending = ""  # decoded, checked for stop strings, not yet returned
         self._max_stop_len = max((len(s) for s in params.stop), default=0)
+        self._strip = strip_whitespace
+        self._started = False  # strip: some non-whitespace text was emitted
+        self._held_ws = ""  # strip: trailing whitespace not yet known to be inside the answer
 
     @property
     def finished(self) -> bool:
@@ -97,11 +106,11 @@ class IncrementalDetokenizer:
             if stop is not None:
                 emitted.append(self._pending)
                 self._pending = ""
-                return "".join(emitted), stop
+                return self._stripped("".join(emitted), final=True), stop
             held = self._held_suffix_len()
             emitted.append(self._pending[: len(self._pending) - held])
             self._pending = self._pending[len(self._pending) - held :]
-        return "".join(emitted), None
+        return self._stripped("".join(emitted), final=False), None
 
     def flush(self) -> str:
         """The text still held back (stop-string candidates, an incomplete character at the
@@ -114,7 +123,21 @@ class IncrementalDetokenizer:
             tail = self._decode(self.prefix_offset, len(self.token_ids))[len(prefix_text) :]
             self.prefix_offset = self.read_offset = len(self.token_ids)
         text, self._pending = self._pending + tail, ""
-        return text
+        return self._stripped(text, final=True)
+
+    def _stripped(self, text: str, final: bool) -> str:
+        """`text` as the stream of `answer.strip()` continues (identity unless stripping)."""
+        if not self._strip:
+            return text
+        if not self._started:
+            text = text.lstrip()
+            if not text:
+                return ""
+            self._started = True
+        text = self._held_ws + text
+        body = text.rstrip()
+        self._held_ws = "" if final else text[len(body) :]
+        return body
 
     def _decode(self, start: int, end: int) -> str:
         return self._decode_ids(self.token_ids[start:end])

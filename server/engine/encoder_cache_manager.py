@@ -11,6 +11,12 @@ through `get_freed_hashes()` so the runner can drop the tensors.
 
 Lifecycle per (request, input): `has_cache` (hit: take a reference) or `can_allocate` →
 `allocate` (the runner encodes it this step); then `free_encoder_input`, or `free` for all.
+
+Planning a chunk is side-effect free: the scheduler asks `can_allocate` for each new item and
+`num_rows_pinned_by_hit` for each hit, passing the rows it already plans to allocate *or pin*
+as `num_reserved_rows` — a hit on an unreferenced entry takes that entry out of the evictable
+rows, so counting it as evictable for an earlier new item of the same chunk would promise rows
+that `allocate` cannot free. Only then does it take the hits' references and allocate.
 """
 
 from __future__ import annotations
@@ -58,6 +64,14 @@ class EncoderCacheManager:
     def held_input_ids(self, request: Request) -> list[int]:
         return sorted(self._req_inputs.get(request.request_id, ()))
 
+    def num_rows_pinned_by_hit(self, request: Request, input_id: int) -> int:
+        """Rows that `has_cache` for this cached item would take out of the evictable rows:
+        the entry's rows if nobody references it yet, else 0. No side effects."""
+        content_hash = request.mm_items[input_id].content_hash
+        if self.holds(request, input_id) or self._refs.get(content_hash):
+            return 0
+        return self._rows.get(content_hash, 0)
+
     # ---- lifecycle -----------------------------------------------------------------------
 
     def has_cache(self, request: Request, input_id: int) -> bool:
@@ -86,7 +100,8 @@ class EncoderCacheManager:
     ) -> bool:
         """Whether the item can be encoded this step: within the step's remaining encoder
         budget, and within the cache once unreferenced entries are evicted.
-        `num_reserved_rows` are rows the caller plans to allocate before this one."""
+        `num_reserved_rows` are rows the caller plans to allocate before this one, plus the
+        rows of unreferenced entries it plans to reference (`num_rows_pinned_by_hit`)."""
         num_rows = request.mm_items[input_id].encoder_rows
         return (
             num_rows <= encoder_budget_left
@@ -115,7 +130,10 @@ class EncoderCacheManager:
         if content_hash in self._freed:
             # Evicted and re-encoded before the runner heard of the eviction: it keeps one copy.
             self._freed.remove(content_hash)
-        self._queried.setdefault(request.request_id, set()).add(input_id)
+        queried = self._queried.setdefault(request.request_id, set())
+        if input_id not in queried:  # a miss the caller did not ask `has_cache` about
+            queried.add(input_id)
+            self.queries += 1
         self._add_ref(request, input_id, content_hash)
 
     def free_encoder_input(self, request: Request, input_id: int) -> None:

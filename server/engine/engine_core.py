@@ -1,8 +1,10 @@
 """EngineCore: the step loop. Schedule, run, update — one forward pass per step.
 
-A step whose forward pass raises fails only the requests it ran (finish_reason "error"); the
-engine goes on with the rest. Several failing steps in a row mean the engine itself is
-broken (a lost device, say): the error then propagates and the engine is reported dead."""
+A step whose forward pass raises fails only its culprit: its requests are retried in halves
+until the one that fails runs alone and ends with finish_reason "error" (`Scheduler.fail_step`);
+the others finish with their normal outputs, and requests the step did not run go on. Several
+steps in a row that fail with a single request (or none) mean the engine itself is broken (a
+lost device, say): the error then propagates and the engine is reported dead."""
 
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ from vlmserve.runner.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 
-# Failed steps in a row after which the engine gives up.
+# Failed steps in a row that each blamed one request (or had none to blame) after which the
+# engine gives up. Steps failing while a culprit is searched for do not count.
 MAX_CONSECUTIVE_STEP_FAILURES = 3
 
 
@@ -25,6 +28,9 @@ class EngineCore:
         self.runner = runner
         self.num_failed_steps = 0
         self._failures_in_a_row = 0
+        # Whether the last step changed anything (scheduled tokens or preempted requests):
+        # the step loop sleeps on its inputs after one that did not, instead of spinning.
+        self.last_step_progressed = False
 
     def add_request(self, request: Request) -> None:
         self.scheduler.add_request(request)
@@ -41,16 +47,24 @@ class EngineCore:
 
     def step(self) -> list[EngineCoreOutput]:
         scheduler_output = self.scheduler.schedule()
+        self.last_step_progressed = bool(
+            scheduler_output.total_num_scheduled_tokens or scheduler_output.preempted_req_ids
+        )
         try:
             runner_output = self.runner.execute(scheduler_output)
         except Exception:
-            self._failures_in_a_row += 1
-            if self._failures_in_a_row >= MAX_CONSECUTIVE_STEP_FAILURES:
-                raise
             self.num_failed_steps += 1
             failed = self.scheduler.fail_step(scheduler_output)
-            logger.exception("an engine step failed; its %d request(s) end with an error: %s",
-                             len(failed), ", ".join(out.req_id for out in failed))
+            if failed or len(scheduler_output.num_scheduled_tokens) <= 1:
+                self._failures_in_a_row += 1
+                if self._failures_in_a_row >= MAX_CONSECUTIVE_STEP_FAILURES:
+                    raise
+            if failed:
+                logger.exception("an engine step failed; its culprit ends with an error: %s",
+                                 ", ".join(out.req_id for out in failed))
+            else:
+                logger.exception("an engine step with %d requests failed; retrying them in halves to find "
+                                 "the culprit", len(scheduler_output.num_scheduled_tokens))
             return failed
         self._failures_in_a_row = 0
         return self.scheduler.update(scheduler_output, runner_output)

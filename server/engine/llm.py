@@ -72,7 +72,9 @@ class LLM:
             req_id = f"llm-{next(self._ids)}"
             order.append(req_id)
             results[req_id] = Completion(req_id, list(prompt.prompt_token_ids), arrival_time=time.perf_counter())
-            detoks[req_id] = IncrementalDetokenizer(self.tokenizer, prompt.prompt_token_ids, p)
+            detoks[req_id] = IncrementalDetokenizer(
+                self.tokenizer, prompt.prompt_token_ids, p, getattr(self.processor, "strips_output_whitespace", False)
+            )
             self.core.add_request(Request(req_id, prompt, p, eos_token_ids=self.eos_token_ids))
 
         while self.core.has_unfinished_requests():

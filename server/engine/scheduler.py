@@ -9,6 +9,10 @@ waiting requests FCFS. A request's `num_computed_tokens` advances when it is sch
 `update` appends what the runner sampled. When a running request cannot get KV blocks, the
 last admitted running request is preempted (recompute): it frees everything and returns to
 the head of the waiting queue; no waiting request is admitted in a step that preempted.
+
+Never raises on an admitted request: what could never be scheduled is refused by `add_request`
+(`admission.py`). After a failed step (`fail_step`), the step's requests are retried in halves,
+one group alone per step, until the culprit is isolated (`culprit_search.py`).
 """
 
 from __future__ import annotations
@@ -16,11 +20,14 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from vlmserve.config import EngineConfig
+from vlmserve.engine.admission import check_admissible
 from vlmserve.engine.cross_kv_manager import CrossKVManager
+from vlmserve.engine.culprit_search import CulpritSearch
 from vlmserve.engine.encoder_cache_manager import EncoderCacheManager
+from vlmserve.engine.encoder_plan import commit_encoder, plan_encoder
 from vlmserve.engine.kv_cache_manager import KVCacheManager
 from vlmserve.engine.outputs import (
     CachedRequestData,
@@ -46,15 +53,6 @@ class SchedulerStats:
     num_pending_encoder_rows: int  # encoder rows still to compute for those requests
 
 
-@dataclass
-class _EncoderPlan:
-    num_new_tokens: int
-    to_encode: list[int] = field(default_factory=list)  # input ids to allocate and encode
-    # Same image twice in one prompt: the later copy hits the entry the first allocates.
-    deferred_hits: list[int] = field(default_factory=list)
-    num_rows: int = 0
-
-
 class Scheduler:
     def __init__(
         self, config: EngineConfig, num_kv_blocks: int, max_model_len: int, num_cross_kv_blocks: int = 0
@@ -72,45 +70,16 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._finished_req_ids: set[str] = set()  # reported in the next SchedulerOutput
+        self._preempted_req_ids: set[str] = set()  # by a failed step; reported likewise
         self.num_preemptions = 0
+        self.culprits = CulpritSearch()
 
     # ---- requests in and out -------------------------------------------------------------
 
     def add_request(self, request: Request) -> None:
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
-        n = request.num_prompt_tokens
-        if n == 0:
-            raise ValueError("the prompt is empty; send at least one token")
-        if n >= self.max_model_len:
-            raise ValueError(
-                f"the prompt has {n} tokens but max_model_len is {self.max_model_len}: "
-                "shorten the prompt or raise --max-model-len"
-            )
-        if n > self._kv_capacity_tokens:
-            raise ValueError(
-                f"the prompt has {n} tokens but the whole KV cache holds "
-                f"{self._kv_capacity_tokens} ({self.kv_cache.num_blocks} blocks of "
-                f"{self.block_size}): shorten the prompt or raise --kv-cache-memory-gb or --num-kv-blocks"
-            )
-        limit = min(self.config.encoder_cache_size, self.config.max_encoder_tokens_per_step)
-        for item in request.mm_items:
-            if item.encoder_rows > limit:
-                raise ValueError(
-                    f"an {item.modality} needs {item.encoder_rows} encoder rows but at most "
-                    f"{limit} fit (encoder_cache_size={self.config.encoder_cache_size}, "
-                    f"max_encoder_tokens_per_step={self.config.max_encoder_tokens_per_step}): "
-                    "send a smaller image or raise --encoder-cache-size and --max-encoder-tokens-per-step"
-                )
-        if any(item.cross_attn_tokens for item in request.mm_items):
-            if self.cross_kv is None:
-                raise ValueError("this model has no cross-attention: its items must not carry cross_attn_tokens")
-            if self.cross_kv.num_blocks_needed(request) > self.cross_kv.num_blocks:
-                raise ValueError(
-                    f"the images need {CrossKVManager.num_rows(request)} cross-attention rows but the cross "
-                    f"K/V pool holds {self.cross_kv.num_blocks * self.block_size}: send fewer or smaller "
-                    "images or raise --num-cross-kv-blocks"
-                )
+        check_admissible(request, self.config, self.max_model_len, self.kv_cache.num_blocks, self.cross_kv)
         request.status = RequestStatus.WAITING
         self.requests[request.request_id] = request
         self.waiting.append(request)
@@ -133,28 +102,40 @@ class Scheduler:
             self._free_request(request)
 
     def fail_step(self, scheduler_output: SchedulerOutput) -> list[EngineCoreOutput]:
-        """The runner raised on this step. Its requests end with finish_reason "error", and
-        nothing the step may have half-written is reused: their blocks lose their prefix-cache
-        hashes, and the encoder outputs the step was to compute are forgotten. Requests the
-        step did not touch go on. (Every holder of such an output was scheduled in this step,
-        so all are freed before the discard.)"""
+        """The runner raised on this step. Alone in it, a request is the culprit: it ends with
+        finish_reason "error". With others, nobody is blamed yet: all are preempted and retried
+        in halves (`CulpritSearch`) until the one that fails is alone. Returns the culprits'
+        outputs ([] while the search goes on).
+
+        Nothing the step may have half-written is reused: the requests' blocks lose their
+        prefix-cache hashes, and the encoder outputs the step was to compute are forgotten.
+        (Every holder of such an output was scheduled in this step, so all are freed first.)
+        Requests the step did not touch go on."""
         to_encode = [
             self.requests[req_id].mm_items[i].content_hash
             for req_id, input_ids in scheduler_output.scheduled_encoder_inputs.items()
             if req_id in self.requests
             for i in input_ids
         ]
+        suspects = [
+            self.requests[req_id]
+            for req_id in scheduler_output.num_scheduled_tokens
+            if req_id in self.requests and self.requests[req_id].status == RequestStatus.RUNNING
+        ]
         outputs: list[EngineCoreOutput] = []
-        failed = set()
-        for req_id in scheduler_output.num_scheduled_tokens:
-            request = self.requests.get(req_id)
-            if request is None or request.status != RequestStatus.RUNNING:
-                continue
+        if len(suspects) == 1:
+            (request,) = suspects
+            self.running.remove(request)
             request.status = RequestStatus.FINISHED_ERROR
-            failed.add(req_id)
             self._free_request(request, uncache=True)
-            outputs.append(EngineCoreOutput(req_id=req_id, new_token_ids=[], finish_reason=FINISH_REASONS[request.status]))
-        self.running = [r for r in self.running if r.request_id not in failed]
+            outputs.append(EngineCoreOutput(req_id=request.request_id, new_token_ids=[],
+                                            finish_reason=FINISH_REASONS[request.status]))
+        elif suspects:
+            self.culprits.split(suspects)  # reads how far each got, before the preemption
+            for request in reversed(suspects):  # back at the head of the queue, in order
+                self.running.remove(request)
+                self._preempt(request, uncache=True)
+                self._preempted_req_ids.add(request.request_id)
         for content_hash in to_encode:
             self.encoder_cache.discard(content_hash)
         return outputs
@@ -172,13 +153,18 @@ class Scheduler:
         cached = CachedRequestData()
         new_reqs: list[NewRequestData] = []
         preempted: set[str] = set()
+        # While a failed step's culprit is searched for, one group of its requests runs alone.
+        group = self.culprits.current_group(self.requests)
 
         i = 0
         while i < len(self.running) and token_budget > 0:
             request = self.running[i]
+            if group is not None and request.request_id not in group:
+                i += 1
+                continue
             start = request.num_computed_tokens
             wanted = min(request.num_tokens - start, token_budget)
-            plan = self._plan_encoder(request, start, wanted, encoder_budget)
+            plan = plan_encoder(self.encoder_cache, request, start, wanted, encoder_budget)
             if plan.num_new_tokens == 0:
                 i += 1
                 continue
@@ -193,7 +179,7 @@ class Scheduler:
                     break
             if new_blocks is None:
                 break  # the request preempted itself: nothing after it is left to schedule
-            self._commit_encoder(request, plan, encoder_inputs)
+            commit_encoder(self.encoder_cache, request, plan, encoder_inputs)
             encoder_budget -= plan.num_rows
             token_budget -= plan.num_new_tokens
             num_scheduled[request.request_id] = plan.num_new_tokens
@@ -208,35 +194,44 @@ class Scheduler:
             and token_budget > 0
             and len(self.running) < self.config.max_num_seqs
         ):
-            request = self.waiting[0]
+            request = self.waiting[0] if group is None else self._first_waiting_in(group)
+            if request is None:
+                break
             hit_blocks, num_hit = self.kv_cache.get_computed_blocks(request)
             wanted = min(request.num_tokens - num_hit, token_budget)
             needs_cross = self.cross_kv is not None and CrossKVManager.num_rows(request) > 0
             # A cross-attention request has every image encoded at admission: its cross K/V
             # is written once, before its first chunk runs.
-            plan = self._plan_encoder(request, num_hit, wanted, encoder_budget, all_items=needs_cross)
+            plan = plan_encoder(self.encoder_cache, request, num_hit, wanted, encoder_budget, all_items=needs_cross)
             new_blocks = None
             if plan.num_new_tokens > 0 and (not needs_cross or self.cross_kv.can_allocate(request)):
                 new_blocks = self.kv_cache.allocate_slots(request, plan.num_new_tokens, hit_blocks)
             if new_blocks is None:
-                # Drop the refs planning took; the entries stay cached for the next try.
-                for input_id in self.encoder_cache.held_input_ids(request):
-                    self.encoder_cache.free_encoder_input(request, input_id)
                 break  # FCFS: nobody overtakes the head of the queue
-            self.waiting.popleft()
+            self.waiting.remove(request)  # the head, but during a culprit search
             self.running.append(request)
             request.status = RequestStatus.RUNNING
             request.num_computed_tokens = request.num_cached_tokens = num_hit
-            self._commit_encoder(request, plan, encoder_inputs)
+            commit_encoder(self.encoder_cache, request, plan, encoder_inputs)
             encoder_budget -= plan.num_rows
             token_budget -= plan.num_new_tokens
             num_scheduled[request.request_id] = plan.num_new_tokens
             cross_blocks = self.cross_kv.allocate(request) if needs_cross else []
             new_reqs.append(self._new_request_data(request, new_blocks, cross_blocks))
 
+        if group is not None and not num_scheduled:
+            # The group cannot run beside the requests it paused (they hold the KV blocks or
+            # encoder rows it needs): preempt one of those per step until it can.
+            paused = [r for r in self.running if r.request_id not in group]
+            if paused:
+                self.running.remove(paused[-1])
+                self._preempt(paused[-1])
+                preempted.add(paused[-1].request_id)
         for req_id, n in num_scheduled.items():
             self.requests[req_id].num_computed_tokens += n
         finished, self._finished_req_ids = self._finished_req_ids, set()
+        preempted |= self._preempted_req_ids
+        self._preempted_req_ids = set()
         return SchedulerOutput(
             scheduled_new_reqs=new_reqs,
             scheduled_cached_reqs=cached,
@@ -317,50 +312,6 @@ class Scheduler:
 
     # ---- internals -----------------------------------------------------------------------
 
-    def _plan_encoder(
-        self, request: Request, start: int, num_new_tokens: int, budget: int, all_items: bool = False
-    ) -> _EncoderPlan:
-        """Which items the chunk [start, start + num_new_tokens) needs encoded, shortening
-        the chunk to end before the first item that cannot be encoded this step.
-
-        Items already cached are referenced now (the request needs them either way); items
-        wholly before `start` (prefix-cache hits, earlier chunks) are skipped."""
-        plan = _EncoderPlan(num_new_tokens)
-        end = start + num_new_tokens
-        planned: set[str] = set()
-        for i, item in enumerate(request.mm_items):
-            if not all_items:
-                if item.offset >= end:
-                    break
-                if item.offset + item.length <= start:
-                    continue
-            if item.content_hash in planned:
-                plan.deferred_hits.append(i)
-            elif self.encoder_cache.has_cache(request, i):
-                pass
-            elif self.encoder_cache.can_allocate(
-                request, i, budget - plan.num_rows, num_reserved_rows=plan.num_rows
-            ):
-                plan.to_encode.append(i)
-                plan.num_rows += item.encoder_rows
-                planned.add(item.content_hash)
-            else:
-                # The chunk stops before the item; 0 tokens when it is already inside it, or
-                # when every item must be encoded now.
-                plan.num_new_tokens = 0 if all_items else max(0, item.offset - start)
-                break
-        return plan
-
-    def _commit_encoder(
-        self, request: Request, plan: _EncoderPlan, encoder_inputs: dict[str, list[int]]
-    ) -> None:
-        for i in plan.to_encode:
-            self.encoder_cache.allocate(request, i)
-        for i in plan.deferred_hits:
-            self.encoder_cache.has_cache(request, i)
-        if plan.to_encode:
-            encoder_inputs[request.request_id] = list(plan.to_encode)
-
     def _free_passed_encoder_inputs(self, request: Request) -> None:
         for i in self.encoder_cache.held_input_ids(request):
             item = request.mm_items[i]
@@ -389,8 +340,11 @@ class Scheduler:
             return True
         return False
 
-    def _preempt(self, request: Request) -> None:
-        self.kv_cache.free(request)
+    def _first_waiting_in(self, group: frozenset[str]) -> Request | None:
+        return next((r for r in self.waiting if r.request_id in group), None)
+
+    def _preempt(self, request: Request, uncache: bool = False) -> None:
+        self.kv_cache.free(request, uncache=uncache)
         self.encoder_cache.free(request)
         if self.cross_kv is not None:
             self.cross_kv.free(request)
@@ -406,6 +360,7 @@ class Scheduler:
         if self.cross_kv is not None:
             self.cross_kv.free(request)
         self._finished_req_ids.add(request.request_id)
+        self.culprits.forget(request.request_id)
         del self.requests[request.request_id]
 
     def _new_request_data(

@@ -65,6 +65,20 @@ FAMILIES: tuple[ModelFamily, ...] = (
         model_class_path="vlmserve.models.mllama.model.MllamaForConditionalGeneration",
         processor_class_path="vlmserve.models.mllama.processor.MllamaProcessor",
     ),
+    ModelFamily(
+        name="nvlm_d",
+        architectures=("NVLM_D",),
+        config_class_path="vlmserve.models.nvlm_d.config.NVLMDModelConfig",
+        model_class_path="vlmserve.models.nvlm_d.model.NVLMDForCausalLM",
+        processor_class_path="vlmserve.models.nvlm_d.processor.NVLMDProcessor",
+    ),
+    ModelFamily(
+        name="molmo",
+        architectures=("MolmoForCausalLM",),
+        config_class_path="vlmserve.models.molmo.config.MolmoModelConfig",
+        model_class_path="vlmserve.models.molmo.model.MolmoForCausalLM",
+        processor_class_path="vlmserve.models.molmo.processor.MolmoProcessor",
+    ),
 )
 
 # family name -> import path of its tiny-checkpoint writer `(out_dir, seed=..., **kw) -> Path`.
@@ -72,6 +86,8 @@ TINY_MAKERS: dict[str, str] = {
     "qwen2_vl": "vlmserve.models.qwen2_vl.tiny.make_tiny_qwen2_vl",
     "pixtral": "vlmserve.models.pixtral.tiny.make_tiny_pixtral",
     "mllama": "vlmserve.models.mllama.tiny.make_tiny_mllama",
+    "nvlm_d": "vlmserve.models.nvlm_d.tiny.make_tiny_nvlm_d",
+    "molmo": "vlmserve.models.molmo.tiny.make_tiny_molmo",
 }
 
 

@@ -29,7 +29,9 @@ def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model directory {model_dir} does not exist; pass a local checkpoint directory")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        # trust_remote_code=False: remote-code checkpoints (NVLM-D, Molmo) name their own config
+        # classes in config.json's auto_map; without it transformers would ask on stdin.
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise ValueError(
             f"could not load a tokenizer from {model_dir} (expected tokenizer.json or vocab files "

@@ -18,6 +18,7 @@ from typing import Any, AsyncIterator
 
 from PIL import Image
 
+from vlmserve.engine.client import EngineDeadError
 from vlmserve.engine.detokenizer import IncrementalDetokenizer
 from vlmserve.engine.outputs import RequestOutput, TokenLogprob
 from vlmserve.engine.sampling_params import SamplingParams
@@ -47,6 +48,7 @@ class FakeEngine:
         # Test knobs.
         self.render_error: Exception | None = None
         self.fail_after_steps: int | None = None  # raise RuntimeError at this step
+        self.dead_after_steps: int | None = None  # raise EngineDeadError at this step (engine gone)
         self.abort_after_steps: int | None = None  # finish with reason "abort" at this step
         self.error_after_steps: int | None = None  # finish with reason "error" (a failed engine step)
         self.block_after_steps: int | None = None  # wait for `release` at this step
@@ -135,6 +137,9 @@ class FakeEngine:
                 await asyncio.sleep(0)  # other requests (and disconnect checks) run between steps
                 if step == self.fail_after_steps:
                     raise RuntimeError("simulated engine fault: CUDA error at /secret/path.py:42")
+                if step == self.dead_after_steps:
+                    self.healthy = False
+                    raise EngineDeadError("the engine pipe writer failed: PicklingError('/secret/x')")
                 if step == self.block_after_steps:
                     self.reached_block.set()
                     await self.release.wait()

@@ -217,6 +217,16 @@ async def test_engine_fault_mid_stream_becomes_an_error_event(client, engine):
     assert any(e.get("choices") and e["choices"][0]["delta"].get("content") for e in events[:-2])
 
 
+async def test_requests_in_flight_when_the_engine_dies_are_a_500_engine_error(client, engine):
+    engine.dead_after_steps = 2
+    err = _error(await client.post("/v1/chat/completions", json=_chat()), 500)
+    assert err["code"] == "engine_error" and "/health" in err["message"] and "secret" not in err["message"]
+    r = await client.post("/v1/chat/completions", json=_chat(stream=True))
+    events = parse_sse(r.text)
+    assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "engine_error"
+    assert (await client.get("/health")).status_code == 503
+
+
 async def test_engine_abort_never_reaches_the_client_as_a_finish_reason(client, engine):
     engine.abort_after_steps = 2
     err = _error(await client.post("/v1/chat/completions", json=_chat()), 503)

@@ -69,6 +69,12 @@ async def test_process_mode_returns_the_same_greedy_tokens_as_thread_mode(tiny_c
     assert results["process"] == results["thread"]
 
 
+def _process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (its threads included), from /proc/<pid>/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def test_abort_frees_the_requests_kv_blocks_in_the_child(tiny_ckpt):
     engine = await _engine(tiny_ckpt, "process")
     try:
@@ -86,8 +92,11 @@ async def test_abort_frees_the_requests_kv_blocks_in_the_child(tiny_ckpt):
         assert engine.snapshot()["steps"] - held["steps"] < 50
         published = []
         engine._on_step = published.append  # every message the child sends from now on
+        cpu0 = _process_cpu_seconds(engine.core.pid)
         await asyncio.sleep(1.5)  # longer than the child's idle wait (1 s)
         assert published == []  # idle: the child sends nothing
+        idle_cpu = _process_cpu_seconds(engine.core.pid) - cpu0
+        assert idle_cpu < 0.1, f"the idle engine process used {idle_cpu:.2f} s of CPU in 1.5 s"
         assert engine.is_healthy()
     finally:
         await engine.shutdown()

@@ -50,12 +50,37 @@ def test_every_image_is_encoded_at_admission_even_beyond_the_first_chunk():
     assert out.scheduled_encoder_inputs == {"img": [0, 1]}
 
 
-def test_a_request_whose_images_do_not_fit_the_encoder_budget_waits():
+def test_a_request_whose_images_together_exceed_the_encoder_budget_is_refused_at_admission():
+    # Each image fits, both together do not: admitted, it would head the queue forever.
     s = make(max_encoder_tokens_per_step=5, encoder_cache_size=8)
-    s.add_request(cross_request("img", 10, [("a", 1, 3), ("b", 5, 3)]))
-    out = s.schedule()
-    assert out.num_scheduled_tokens == {}
+    with pytest.raises(ValueError, match=r"need 6 encoder rows together .* at most 5 fit .*"
+                                         r"--max-encoder-tokens-per-step"):
+        s.add_request(cross_request("img", 10, [("a", 1, 3), ("b", 5, 3)]))
+    assert not s.has_unfinished_requests()
+    # The same image twice is encoded once: 3 rows, admitted and served.
+    s.add_request(cross_request("twice", 10, [("a", 1, 3), ("a", 5, 3)], max_tokens=1))
+    s.add_request(cross_request("next", 10, [("c", 1, 5)], max_tokens=1))
+    for _ in range(10):
+        if not s.has_unfinished_requests():
+            break
+        run_step(s)
+    assert not s.has_unfinished_requests()
     assert s.cross_kv.num_free_blocks == 10
+
+
+def test_a_request_whose_images_wait_for_encoder_rows_runs_once_they_are_released():
+    s = make(max_encoder_tokens_per_step=8, encoder_cache_size=8, max_num_batched_tokens=4)
+    s.add_request(cross_request("first", 12, [("a", 1, 3), ("b", 10, 3)], max_tokens=1))
+    s.add_request(cross_request("second", 6, [("c", 1, 6)], max_tokens=1))
+    out, _ = run_step(s)
+    assert set(out.num_scheduled_tokens) == {"first"}  # "first" holds 6 of 8 rows
+    seen = set()
+    for _ in range(10):
+        out, _ = run_step(s)
+        seen |= set(out.scheduled_encoder_inputs)
+        if not s.has_unfinished_requests():
+            break
+    assert seen == {"second"} and not s.has_unfinished_requests()
 
 
 def test_cross_blocks_are_freed_at_finish_and_at_preemption():

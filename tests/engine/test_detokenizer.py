@@ -193,3 +193,28 @@ def test_fast_path_decodes_exactly_as_the_tokenizer_does(tok, skip):
         got = IncrementalDetokenizer(tok, [1, 2], params)
         ref = IncrementalDetokenizer(_CountingTokenizer(tok), [1, 2], params)
         assert [got.update([i])[0] for i in ids] + [got.flush()] == [ref.update([i])[0] for i in ids] + [ref.flush()]
+
+
+@pytest.mark.parametrize("step", [1, 3])
+@pytest.mark.parametrize("text", ["  Hello  world \n\n", "\n\nA\tb  ", "   ", "x", " \u3000caf\u00e9 \u2003"])
+def test_strip_whitespace_streams_exactly_the_stripped_answer(tok, text, step):
+    # Families whose official chat() returns response.strip() (NVLM-D): every delta, joined,
+    # is the stripped full decode; trailing whitespace is never emitted before text follows it.
+    ids = _ids(tok, text)
+    detok = IncrementalDetokenizer(tok, _ids(tok, "user: hi"), SamplingParams(max_tokens=64), strip_whitespace=True)
+    deltas = [detok.update(ids[i : i + step])[0] for i in range(0, len(ids), step)]
+    assert all(d == "" or (not d[-1].isspace()) for d in deltas)
+    assert "".join(deltas) + detok.flush() == tok.decode(ids).strip()
+
+
+def test_strip_whitespace_applies_after_a_stop_string(tok):
+    ids = _ids(tok, " yes  STOP more")
+    params = SamplingParams(max_tokens=64, stop=["STOP"])
+    detok = IncrementalDetokenizer(tok, _ids(tok, "user: hi"), params, strip_whitespace=True)
+    out, stop = "", None
+    for t in ids:
+        delta, stop = detok.update([t])
+        out += delta
+        if stop is not None:
+            break
+    assert stop == "STOP" and out == "yes"

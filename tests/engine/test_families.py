@@ -18,6 +18,8 @@ FAMILIES = {
     "pixtral_hf": ("pixtral", {"format": "hf"}),
     "pixtral_mistral": ("pixtral", {"format": "mistral"}),
     "mllama": ("mllama", {}),
+    "nvlm_d": ("nvlm_d", {"image_size": 112, "max_dynamic_patch": 4}),
+    "molmo": ("molmo", {}),
 }
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8)
 

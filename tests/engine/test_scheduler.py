@@ -169,6 +169,39 @@ def test_image_is_encoded_once_across_chunks_and_freed_only_under_pressure() -> 
     assert out.scheduled_encoder_inputs == {"b": [0]}
 
 
+def test_new_image_before_a_cached_one_in_one_chunk_does_not_count_the_cached_one_as_evictable() -> None:
+    # "old" (4 rows) is cached and unreferenced: 6 rows free, 10 freeable. The next chunk
+    # holds a new image of 8 rows, then "old" again: encoding the new one needs "old"'s rows,
+    # but the chunk also needs "old" itself. The chunk must stop before "old" (the new image
+    # evicts it) instead of planning both and failing to allocate.
+    sched = make_scheduler(encoder_cache_size=10, enable_prefix_caching=False)
+    sched.add_request(make_request("turn1", 8, images=[("old", 2, 4)], max_tokens=1))
+    drain(sched)
+    assert sched.encoder_cache.contains("old") and sched.encoder_cache.num_free_rows == 6
+    sched.add_request(make_request("turn2", 20, images=[("new", 1, 8), ("old", 12, 4)], max_tokens=1))
+    out, _ = run_step(sched)
+    assert out.num_scheduled_tokens == {"turn2": 12}
+    assert out.scheduled_encoder_inputs == {"turn2": [0]}
+    assert out.free_encoder_hashes == ["old"]
+    out, _ = run_step(sched)  # "new" is passed and unreferenced: evicted for "old"
+    assert out.scheduled_encoder_inputs == {"turn2": [1]}
+    assert out.free_encoder_hashes == ["new"]
+    drain(sched)
+    assert all_blocks_free(sched) and sched.encoder_cache.num_freeable_rows == 10
+
+
+def test_a_cached_image_referenced_by_the_chunk_is_kept_when_the_new_image_fits_beside_it() -> None:
+    sched = make_scheduler(encoder_cache_size=12, enable_prefix_caching=False)
+    sched.add_request(make_request("turn1", 8, images=[("old", 2, 4)], max_tokens=1))
+    drain(sched)
+    sched.add_request(make_request("turn2", 20, images=[("new", 1, 8), ("old", 12, 4)], max_tokens=1))
+    out, _ = run_step(sched)
+    assert out.num_scheduled_tokens == {"turn2": 20}
+    assert out.scheduled_encoder_inputs == {"turn2": [0]}
+    assert out.free_encoder_hashes == []
+    assert sched.get_stats().encoder_cache_hits == 1
+
+
 def test_image_sent_again_in_a_later_turn_is_not_reencoded() -> None:
     sched = make_scheduler(enable_prefix_caching=False)
     sched.add_request(make_request("turn1", 14, images=[("img", 2, 10)], max_tokens=1))

@@ -1,6 +1,6 @@
-"""A step whose forward pass raises fails the requests it ran, not the engine: later requests
-are served, and nothing the failed step half-wrote (KV blocks under prefix-cache hashes,
-encoder outputs) is ever reused."""
+"""A step whose forward pass raises fails its culprit, not the engine: the step's other requests
+and later ones are served with their normal outputs, and nothing the failed step half-wrote
+(KV blocks under prefix-cache hashes, encoder outputs) is ever reused."""
 
 from __future__ import annotations
 
@@ -27,18 +27,24 @@ def _prompts(llm):
 
 def _fail_steps_running(llm, victims: set[str], corrupt_kv: bool):
     """Patches the runner: a step that runs one of `victims` raises. With `corrupt_kv`, it
-    first runs for real, then scribbles over every KV block the victims hold, so a prefix
-    cache that reused those blocks would give other tokens."""
-    runner, kv = llm.core.runner, llm.core.scheduler.kv_cache
+    first runs for real, then scribbles over every KV block the step wrote for the victims
+    (what a real fault can leave half-written), so a prefix cache that reused those blocks
+    would give other tokens."""
+    runner, scheduler = llm.core.runner, llm.core.scheduler
     real_execute = runner.execute
+
+    def written_blocks(out, req_id):
+        end = scheduler.requests[req_id].num_computed_tokens  # advanced when scheduled
+        start, bs = end - out.num_scheduled_tokens[req_id], scheduler.block_size
+        return scheduler.kv_cache.get_block_ids(req_id)[start // bs : -(-end // bs)]
 
     def execute(out):
         hit = victims & set(out.num_scheduled_tokens)
         if not hit:
             return real_execute(out)
         if corrupt_kv:
+            blocks = [b for r in hit for b in written_blocks(out, r)]
             real_execute(out)
-            blocks = [b for r in hit for b in kv.get_block_ids(r)]
             for k_cache, v_cache in runner.kv_caches:
                 k_cache[blocks] = torch.randn_like(k_cache[blocks]) * 50
                 v_cache[blocks] = torch.randn_like(v_cache[blocks]) * 50
@@ -64,6 +70,29 @@ def test_failed_step_ends_its_requests_with_error_and_the_engine_goes_on(llm, ti
     assert again.num_cached_tokens == 0
     assert again.token_ids == ref_image
     assert other.token_ids == ref_text
+
+
+def test_a_failing_step_fails_only_the_request_that_triggers_it(llm, tiny_ckpt):
+    img_a, img_b = image(120, 90, seed=3), image(90, 120, seed=4)
+    prompts = [
+        llm.render_chat([user(img_a, "What is in this picture?")], [img_a]),
+        llm.render_chat([user("Just text, no image.")], []),
+        llm.render_chat([user(img_b, "Describe the colours.")], [img_b]),
+        llm.render_chat([user("Count to five.")], []),
+    ]
+    reference = [c.token_ids for c in make_llm(tiny_ckpt).generate(prompts, GREEDY)]
+    # Every step that runs llm-2 (the second image request) raises, after scribbling over its
+    # KV blocks: the four run in one batch, so the culprit is found by retrying halves.
+    restore = _fail_steps_running(llm, {"llm-2"}, corrupt_kv=True)
+    results = llm.generate(prompts, GREEDY)
+    restore()
+    assert results[2].finish_reason == "error" and results[2].token_ids == []
+    for i in (0, 1, 3):
+        assert results[i].finish_reason == "length" and results[i].token_ids == reference[i]
+    assert 2 <= llm.core.num_failed_steps <= 3  # 4 -> 2 -> 1
+    scheduler = llm.core.scheduler
+    assert scheduler.kv_cache.num_free_blocks == scheduler.kv_cache.num_blocks
+    assert not scheduler.culprits.active
 
 
 def test_a_step_that_fails_while_encoding_forgets_the_encoder_output(llm):
