@@ -19,7 +19,11 @@ FAMILIES = {
     "pixtral_hf": ("pixtral", {"format": "hf"}),
     "pixtral_mistral": ("pixtral", {"format": "mistral"}),
     "mllama": ("mllama", {}),
+    # No tool format in their templates: required and named calls through the grammar only.
+    "molmo": ("molmo", {}),
+    "nvlm_d": ("nvlm_d", {}),
 }
+GRAMMAR_ONLY = {"molmo", "nvlm_d"}
 # Bounded on purpose (enums, integer ranges, short strings, few items): a random model then
 # closes the JSON within a small max_tokens.
 SCHEMA = {
@@ -51,8 +55,10 @@ def client(request, tmp_path_factory):
     family, kwargs = FAMILIES[request.param]
     ckpt = make_tiny_model(family, tmp_path_factory.mktemp(request.param), seed=1, **kwargs)
     with launch_server(ckpt, tmp_path_factory.mktemp(f"{request.param}_server"), "--num-cross-kv-blocks", "1024",
-                       "--engine-mode", "process") as base:
-        yield openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+                       "--engine-mode", "process", "--max-model-len", "4096") as base:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+        client.family_id = request.param
+        yield client
 
 
 def _messages(question: str, with_image: bool = True) -> list[dict]:
@@ -121,6 +127,10 @@ def test_named_required_and_none_tool_choices(client):
     r = client.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER], tool_choice="none",
                                        max_tokens=8, temperature=0)
     assert r.choices[0].message.tool_calls is None and r.choices[0].finish_reason in ("stop", "length")
+    if client.family_id in GRAMMAR_ONLY:  # "auto" needs a tool format the template lacks: a 400 that says so
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER], max_tokens=8)
+        assert e.value.body["param"] == "tool_choice" and "required" in e.value.body["message"]
 
     # Streamed: id and name once per call, then argument fragments that reassemble.
     for choice, names in ((named, {"get_weather"}), ("required", {"get_weather", "get_time"})):

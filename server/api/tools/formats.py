@@ -91,7 +91,8 @@ def _calls_from_objects(objects: Any, args_key: tuple[str, ...]) -> list[ToolCal
 
 
 class ToolFormat:
-    """The default: no tool format. Tools and tool history are written as plain text."""
+    """The default: no tool format. Tools and tool history are written as plain text into
+    user and assistant turns (some templates have no system role, some need alternation)."""
 
     name = "grammar_only"
     supports_auto = False
@@ -107,14 +108,14 @@ class ToolFormat:
                 out.append({"role": "assistant", "content": text})
             elif msg["role"] == "tool":
                 _merge_user(out, f"Result of tool call {msg.get('tool_call_id') or ''}: {_text_of(msg.get('content'))}")
+            elif msg["role"] == "user" and out and out[-1]["role"] == "user":
+                out[-1] = _joined(out[-1], msg)
             else:
                 out.append(msg)
-        if plan is not None and plan.functions:
-            text = "Available functions (JSON Schema):\n" + json.dumps(plan.functions, ensure_ascii=False)
-            if out and out[0]["role"] == "system":
-                out[0] = dict(out[0], content=_text_of(out[0]["content"]) + "\n\n" + text)
-            else:
-                out.insert(0, {"role": "system", "content": text})
+        first_user = next((i for i, m in enumerate(out) if m["role"] == "user"), None)
+        if plan is not None and plan.functions and first_user is not None:
+            text = "Available functions (JSON Schema): " + json.dumps(plan.functions, ensure_ascii=False) + "\n"
+            out[first_user] = _prepend_text(out[first_user], text)
         return out, {}
 
     def call_start(self, text: str) -> int | None:
