@@ -66,12 +66,12 @@ ENGINE_FLAGS = (
 SERVER_FLAGS = (
     "host", "port", "served_model_name", "api_key", "max_request_body_bytes", "limit_mm_per_prompt",
     "max_pending_requests", "max_media_memory_gb", "drain_seconds", "target_queue_wait_s", "max_queue_wait_s", "max_waiting_requests",
-    "scale_webhook", "scale_webhook_cooldown_s", "scale_webhook_sustain_s", "engine_watchdog_s",
+    "scale_webhook", "scale_webhook_cooldown_s", "scale_webhook_sustain_s", "engine_watchdog_s", "tool_call_format",
 )  # fmt: skip
 MEDIA_FLAGS = (
     "max_image_pixels", "max_media_bytes", "max_video_bytes", "image_timeout_s", "video_timeout_s",
     "max_redirects", "allowed_media_domains", "allow_private_media_urls", "allowed_local_media_path",
-    "video_fps", "max_video_frames", "max_video_duration_s", "max_video_frame_pixels", "media_workers",
+    "video_fps", "max_video_frames", "min_video_frames", "max_video_duration_s", "max_video_frame_pixels", "media_workers",
     "media_cache_bytes",
 )  # fmt: skip
 
@@ -169,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long the wait must stay above (or back under) the target (default 3)")
     a.add_argument("--engine-watchdog-s", type=float,
                    help="with requests pending, a step loop silent this long is dead: /health 503 (default 60)")
+    s.add_argument("--tool-call-format", choices=["hermes", "mistral", "llama3_json", "grammar_only"],
+                   help="tool-call format for tool_choice auto (default: the model family's own)")
     s.add_argument("--limit-mm-per-prompt", help="most media items per request (default image=32,video=2), e.g. image=64")
     m = serve.add_argument_group("media")
     m.add_argument("--max-image-pixels", type=int, help="refuse larger images (checked from the header)")
@@ -183,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--allowed-local-media-path", help="serve file:// media from under this directory only")
     m.add_argument("--video-fps", type=float, help="frames sampled per second of video")
     m.add_argument("--max-video-frames", type=int)
+    m.add_argument("--min-video-frames", type=int, help="a short clip keeps at least this many frames (default 4)")
     m.add_argument("--max-video-duration-s", type=float)
     m.add_argument("--max-video-frame-pixels", type=int)
     m.add_argument("--media-workers", type=int, help="decode threads")

@@ -103,6 +103,9 @@ class ServerConfig:
     scale_webhook_sustain_s: float = 3.0  # how long the wait must stay above (or under) target
     # With requests pending, an engine step loop silent this long is dead (/health 503).
     engine_watchdog_s: float = 60.0
+    # Tool-call format for tool_choice "auto" (hermes, mistral, llama3_json, grammar_only);
+    # None: the model family's own (`vlmserve.api.tools.formats.FAMILY_FORMATS`).
+    tool_call_format: str | None = None
 
     def __post_init__(self) -> None:
         from vlmserve.autoscale.admission import AdmissionPolicy
@@ -119,8 +122,6 @@ class ServerConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 0, got {getattr(self, name)}")
         if not self.engine_watchdog_s > 0:
             raise ValueError(f"--engine-watchdog-s must be greater than 0, got {self.engine_watchdog_s}")
-
-    def __post_init__(self) -> None:
         if self.max_pending_requests < 1:
             raise ValueError(f"max_pending_requests must be at least 1, got {self.max_pending_requests}")
         if self.max_media_memory_gb is not None and not self.max_media_memory_gb > 0:

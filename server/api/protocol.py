@@ -135,9 +135,10 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = None
     logprobs: bool | None = False
     top_logprobs: int | None = None
-    # Accepted so that "none" and empty values pass; anything else is refused.
+    # Validated by `vlmserve.api.tools.calls.plan_tools` (the legacy functions/function_call are refused).
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
@@ -182,8 +183,7 @@ def _neutral(value: Any, default: Any = None) -> bool:
 # tools with defaults filled in; any other value would change the answer).
 _VLLM_UNSUPPORTED: dict[str, Any] = {
     "prompt_logprobs": None, "use_beam_search": False, "length_penalty": 1.0, "truncate_prompt_tokens": None,
-    "guided_json": None, "guided_regex": None, "guided_choice": None, "guided_grammar": None,
-    "guided_decoding_backend": None, "guided_whitespace_pattern": None, "structured_outputs": None,
+    "guided_whitespace_pattern": None,
     "bad_words": None, "allowed_token_ids": None, "logits_processors": None, "priority": 0,
     "continue_final_message": False, "chat_template": None, "documents": None, "mm_processor_kwargs": None,
     "return_tokens_as_token_ids": False, "vllm_xargs": None,
@@ -201,15 +201,10 @@ def unsupported_param(request: SamplingRequest) -> tuple[str, str] | None:
     if request.stream_options is not None and request.stream_options.continuous_usage_stats:
         return "stream_options", "stream_options.continuous_usage_stats is not supported; usage comes in the last chunk"
     if isinstance(request, ChatCompletionRequest):
-        if request.tools or request.functions:
-            return "tools", "tool calling is not supported; remove tools/functions"
-        for name in ("tool_choice", "function_call"):
-            value = getattr(request, name)
-            if value is not None and value != "none":
-                return name, f"{name} is not supported; omit it or send 'none'"
-        fmt = (request.response_format or {}).get("type", "text")
-        if fmt != "text":
-            return "response_format", f"response_format {fmt!r} is not supported; only 'text' is"
+        if request.functions:
+            return "functions", "the legacy functions field is not supported; send tools instead"
+        if request.function_call is not None and request.function_call != "none":
+            return "function_call", "the legacy function_call field is not supported; send tool_choice instead"
         if request.audio is not None or "audio" in (request.modalities or []):
             return "modalities", "audio output is not supported; use modalities ['text']"
         if request.prediction is not None:
@@ -266,16 +261,28 @@ class Usage(OpenAIModel):
     prompt_tokens_details: PromptTokensDetails | None = None
 
 
+class FunctionCall(OpenAIModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCallItem(OpenAIModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(OpenAIModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCallItem] | None = None
 
 
 class ChatChoice(OpenAIModel):
     index: int
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None
 
 
 class ChatCompletionResponse(OpenAIModel):
@@ -289,10 +296,11 @@ class ChatCompletionResponse(OpenAIModel):
 
 class ChatStreamChoice(OpenAIModel):
     index: int
-    # {"role": "assistant", "content": ""} first, then {"content": ...}; {} on a bare finish.
-    delta: dict[str, str]
+    # {"role": "assistant", "content": ""} first, then {"content": ...} or {"tool_calls": [...]}
+    # (`vlmserve.api.tools.streaming`); {} on a bare finish.
+    delta: dict[str, Any]
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
 
 
 class ChatCompletionChunk(OpenAIModel):

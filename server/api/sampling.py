@@ -18,6 +18,7 @@ from typing import Any
 from vlmserve.api.errors import APIError
 from vlmserve.api.protocol import SamplingRequest
 from vlmserve.engine.sampling_params import SEED_RANGE, SamplingParams
+from vlmserve.engine.structured_spec import StructuredSpec
 
 MAX_TOP_LOGPROBS = 20
 MAX_N = 128
@@ -30,6 +31,9 @@ _SEED_MIN, _SEED_MAX = SEED_RANGE
 # token ids are scanned by the sampler each step: unbounded lists stall every other request.
 MAX_STOP_STRINGS = 256
 MAX_STOP_TOKEN_IDS = 1024
+# OpenAI's documented ranges, checked on the request's own values (a 400 naming field and
+# range); vLLM's extensions (top_k, min_p, repetition_penalty) keep vLLM's, in SamplingParams.
+OPENAI_RANGES = {"temperature": (0.0, 2.0), "presence_penalty": (-2.0, 2.0), "frequency_penalty": (-2.0, 2.0)}
 _SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
 
 
@@ -69,8 +73,10 @@ def _stops(request: SamplingRequest) -> tuple[str, ...]:
 
 
 def build_sampling_params(
-    request: SamplingRequest, *, defaults: dict[str, Any], prompt_len: int, max_model_len: int
+    request: SamplingRequest, *, defaults: dict[str, Any], prompt_len: int, max_model_len: int,
+    structured: StructuredSpec | None = None,
 ) -> SamplingParams:
+    """`structured`: the request's validated output constraint (`vlmserve.api.structured`)."""
     requested, max_field = request.requested_max_tokens()
     max_tokens = resolve_max_tokens(
         requested, max_field, prompt_len=prompt_len, max_model_len=max_model_len, default=defaults.get("max_tokens")
@@ -91,6 +97,12 @@ def build_sampling_params(
         value = getattr(request, key)
         if isinstance(value, float) and not math.isfinite(value):  # JSON parsers accept NaN
             raise APIError(f"{key} must be a finite number, got {value}", param=key)
+    for key, (low, high) in OPENAI_RANGES.items():
+        value = getattr(request, key)
+        if value is not None and not low <= value <= high:
+            raise APIError(f"{key} must be in [{low:g}, {high:g}], got {value}", param=key)
+    if request.top_p is not None and not 0 < request.top_p <= 1:
+        raise APIError(f"top_p must be in (0, 1], got {request.top_p}", param="top_p")
     if request.seed is not None and not _SEED_MIN <= request.seed <= _SEED_MAX - (n - 1):
         raise APIError(f"seed must be in [{_SEED_MIN}, {_SEED_MAX - (n - 1)}] (choice i uses seed + i), "
                        f"got {request.seed}", param="seed")
@@ -116,6 +128,7 @@ def build_sampling_params(
         logprobs=num_logprobs,
         n=n,
         skip_special_tokens=request.skip_special_tokens,
+        structured=structured,
     )
     assert set(values) <= _SAMPLING_FIELDS
     try:

@@ -34,6 +34,8 @@ from vlmserve.multimodal.inputs import ProcessedPrompt
 from vlmserve.models.layers.parallel import SINGLE
 from vlmserve.runner.model_runner import kv_block_bytes
 from vlmserve.runner.tensor_parallel import TPWorkers, make_runner, rank_device
+from vlmserve.runner.grammar_vocab import load_tokenizer_info
+from vlmserve.runner.structured import GrammarRuntime
 
 logger = logging.getLogger(__name__)
 
@@ -146,6 +148,10 @@ def _build_core(
     if model.cross_kv_cache_spec is not None:
         # No cross-attention layers (a config may list none): blocks are bookkeeping only, free.
         num_cross_blocks = config.num_cross_kv_blocks or (max(2, sized_cross_blocks) if cross_block_bytes else 1 << 16)
+    eos = frozenset(eos_token_ids())
+    # Grammar masks need the same matcher state on every rank, and the workers keep none:
+    # with tensor parallelism a constrained request is refused at admission (EngineCore).
+    grammar = GrammarRuntime(lambda: load_tokenizer_info(model_dir, hf_config, eos)) if workers is None else None
     runner = make_runner(
         model,
         workers,
@@ -153,9 +159,10 @@ def _build_core(
         block_size=config.block_size,
         dtype=dtype,
         device=device,
-        eos_token_ids=frozenset(eos_token_ids()),
+        eos_token_ids=eos,
         seed=config.seed,
         num_cross_blocks=num_cross_blocks,
+        grammar=grammar,
     )
     scheduler = Scheduler(config, num_blocks, max_model_len, num_cross_kv_blocks=num_cross_blocks)
     logger.info(

@@ -45,7 +45,17 @@ class EngineCore:
         self._went_on = False
 
     def add_request(self, request: Request) -> None:
+        spec = request.sampling_params.structured
+        if spec is not None and self.runner.grammar is None:
+            raise ValueError(
+                "structured outputs (response_format json_object / json_schema, structured_outputs, and tools "
+                "with tool_choice required or a named function) are not available with --tensor-parallel-size "
+                "above 1 yet; serve with --tensor-parallel-size 1 for them"
+            )
         self.scheduler.add_request(request)
+        if spec is not None and self.runner.grammar is not None:
+            # Compiles on the grammar thread while the request queues and prefills.
+            self.runner.grammar.prepare(spec)
 
     def abort_requests(self, req_ids: list[str]) -> None:
         self.scheduler.finish_requests(req_ids, RequestStatus.FINISHED_ABORTED)

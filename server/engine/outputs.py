@@ -85,6 +85,10 @@ class RunnerOutput:
     # req_id -> tokens sampled this step; [] when the step ended mid-prefill.
     sampled_token_ids: dict[str, list[int]]
     logprobs: dict[str, list[TokenLogprob]] = field(default_factory=dict)
+    # Constrained requests whose grammar ended with this step's token: they stop here.
+    grammar_finished: set[str] = field(default_factory=set)
+    # Constrained requests whose grammar could not be compiled: they end with an error.
+    grammar_failed: set[str] = field(default_factory=set)
 
 
 EMPTY_RUNNER_OUTPUT = RunnerOutput(req_ids=[], sampled_token_ids={})

@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from vlmserve.engine.structured_spec import StructuredSpec
+
 # Below this temperature a request is sampled greedily.
 GREEDY_EPS = 1e-5
 # The sampler holds these in int64 tensors; any top_k past the vocabulary keeps every token.
@@ -35,6 +37,8 @@ class SamplingParams:
     logprobs: int | None = None  # number of top logprobs per token; None: no logprobs
     n: int = 1
     skip_special_tokens: bool = True
+    # Grammar-constrained output (JSON schema, regex, EBNF); None: free text.
+    structured: StructuredSpec | None = None
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:

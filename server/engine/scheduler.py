@@ -284,6 +284,10 @@ class Scheduler:
                 new_tokens.append(token)
                 if self._check_stop(request, token):
                     break
+            if req_id in runner_output.grammar_failed:
+                request.status = RequestStatus.FINISHED_ERROR
+            elif not request.is_finished and req_id in runner_output.grammar_finished:
+                request.status = RequestStatus.FINISHED_STOPPED  # the grammar allows nothing more
             logprobs = runner_output.logprobs.get(req_id)
             outputs.append(
                 EngineCoreOutput(

@@ -49,6 +49,8 @@ class MediaConfig:
     allowed_local_media_path: str | None = None  # None: file:// URLs are refused
     video_fps: float = 2.0  # frames sampled per second of video
     max_video_frames: int = 32  # even: Qwen2-VL groups frames in temporal pairs
+    # A clip sampled to fewer frames than this keeps this many (transformers' Qwen2-VL min_frames).
+    min_video_frames: int = 4
     max_video_duration_s: float = 300.0
     # Larger frames are downscaled (aspect kept) while decoding, bounding one video at
     # max_video_frames * 1920*1080*3 bytes (~200 MB at the defaults).
@@ -58,7 +60,7 @@ class MediaConfig:
 
     def __post_init__(self) -> None:
         for name in ("max_image_pixels", "max_media_bytes", "max_video_bytes", "max_video_frames",
-                     "max_video_frame_pixels", "workers"):
+                     "min_video_frames", "max_video_frame_pixels", "workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("image_timeout_s", "video_timeout_s", "video_fps", "max_video_duration_s"):

@@ -1,11 +1,14 @@
 """Video bytes → sampled RGB frames (`VideoFrames`), with PyAV. Runs in a worker thread.
 
-Sampling: frames at `video_fps` per second of video (never faster than the source's own
-rate), at most `max_video_frames`; when that cap binds, the frames are spread evenly over the
-whole duration instead. Each target time takes the first decoded frame at or after it (half a
-source frame of tolerance). Decoding stops once the last target is filled, so the cost is
-bounded by the sampled span, not by the file. An odd count is padded by repeating the last
-frame: Qwen2-VL packs frames in temporal pairs.
+Sampling, when the stream states its frame rate: by frame index exactly as transformers'
+Qwen2-VL video processor samples at fps (`frame_sampling.fps_frame_indices`: duration x
+`video_fps` frames, at least `min_video_frames`, at most `max_video_frames` and the clip,
+rounded down to pairs, spaced by total / n). The frame count is the stream's, else duration x
+rate. Without a stated rate: frames at `video_fps` per second by timestamp (the first decoded
+frame at or after each target time, half a frame of tolerance), at most `max_video_frames`,
+spread over the whole duration when that cap binds. Decoding stops after the last frame kept,
+so the cost is bounded by the sampled span, not by the file. An odd count is padded by
+repeating the last frame: Qwen2-VL packs frames in temporal pairs.
 
 Limits, checked before any frame is decoded where the container says enough:
   duration > max_video_duration_s          → 400
@@ -26,6 +29,7 @@ import av
 import numpy as np
 
 from vlmserve.multimodal.decode import check_pixels
+from vlmserve.multimodal.frame_sampling import fps_frame_indices
 from vlmserve.multimodal.types import MediaConfig, MediaError, VideoFrames
 
 _CONTAINERS = "mov,mp4,matroska,webm,avi,mpegts,mpeg,flv,ogg"
@@ -117,6 +121,13 @@ def decode_video(raw: bytes, config: MediaConfig) -> VideoFrames:
         fps = min(config.video_fps, source_fps) if source_fps else config.video_fps
         targets, sampled_fps = _plan(duration, fps, config.max_video_frames)
         tolerance = 0.5 / source_fps if source_fps else 0.5 / fps
+        keep: set[int] | None = None  # frame indices to keep (by index, transformers' rule)
+        total = stream.frames or (round(duration * source_fps) if duration and source_fps else 0)
+        if source_fps and total:
+            indices = fps_frame_indices(total, source_fps, config.video_fps, min_frames=config.min_video_frames,
+                                        max_frames=config.max_video_frames)
+            keep, last_kept = set(indices.tolist()), int(indices[-1])
+            sampled_fps = len(indices) / (total / source_fps)
         tb = stream.time_base
         start = stream.start_time or 0
 
@@ -134,7 +145,12 @@ def decode_video(raw: bytes, config: MediaConfig) -> VideoFrames:
                     t = index / (source_fps or fps)
                 if t > limit:  # the container understated its length
                     raise _too_long(t, limit)
-                if t + tolerance < targets[j]:
+                if keep is not None:
+                    if index not in keep:
+                        if index > last_kept:
+                            break
+                        continue
+                elif t + tolerance < targets[j]:
                     continue
                 if size is None:
                     check_pixels(frame.width, frame.height, config.max_image_pixels, "video frame")
@@ -144,6 +160,10 @@ def decode_video(raw: bytes, config: MediaConfig) -> VideoFrames:
                 rgb = frame.reformat(width=size[0], height=size[1], format="rgb24").to_ndarray()
                 frames.append(rgb)
                 times.append(max(t, 0.0))
+                if keep is not None:
+                    if index == last_kept:
+                        break
+                    continue
                 while j < len(targets) and targets[j] <= t + tolerance:
                     j += 1
                 if j == len(targets):

@@ -20,6 +20,7 @@ from vlmserve.runner.encoder_runner import EncoderRunner
 from vlmserve.runner.forward_batch import CrossAttentionBatch, ForwardBatch
 from vlmserve.runner.input_batch import BatchInputs, CachedRequestState, build_inputs
 from vlmserve.runner.sampler import Sampler
+from vlmserve.runner.structured import GrammarRuntime
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ class ModelRunner:
         eos_token_ids: frozenset[int],
         seed: int = 0,
         num_cross_blocks: int = 0,
+        grammar: GrammarRuntime | None = None,
     ) -> None:
         self.model = model
         self.block_size = block_size
@@ -65,6 +67,8 @@ class ModelRunner:
         self.encoder = EncoderRunner(model)
         self.sampler = Sampler(eos_token_ids, seed=seed, device=device)
         self.requests: dict[str, CachedRequestState] = {}
+        # Structured outputs; None: a request with `structured` set fails its step.
+        self.grammar = grammar
         self.num_forward_passes = 0
         logger.info("KV cache: %d blocks of %d tokens (%s)", num_blocks, block_size, shape)
 
@@ -73,6 +77,8 @@ class ModelRunner:
             st = self.requests.pop(req_id, None)
             if st is not None:
                 self.sampler.release(st)
+            if self.grammar is not None:
+                self.grammar.drop(req_id)  # rebuilt from the tokens so far if it comes back
         self.encoder.free(out.free_encoder_hashes)
         for new in out.scheduled_new_reqs:
             self.requests[new.req_id] = CachedRequestState(
@@ -116,18 +122,33 @@ class ModelRunner:
 
         sampled: dict[str, list[int]] = {r: [] for r in order}
         logprobs = {}
+        grammar_finished: set[str] = set()
+        grammar_failed: set[str] = set()
         if inputs.sampling_req_ids:
             logits = self.model.compute_logits(hidden[torch.from_numpy(inputs.logits_indices).to(self.device)])
             states = [self.requests[r] for r in inputs.sampling_req_ids]
+            constrained = self._constrain(logits, states)
             tokens, token_logprobs = self.sampler(logits, states, inplace=True)
             for st, tok, lp in zip(states, tokens, token_logprobs):
                 st.token_ids.append(tok)
                 sampled[st.req_id] = [tok]
                 if lp is not None:
                     logprobs[st.req_id] = [lp]
+            if constrained:
+                grammar_finished, grammar_failed = self.grammar.accept(states, tokens)  # type: ignore[union-attr]
         for req_id in order:
             self.requests[req_id].num_computed_tokens += out.num_scheduled_tokens[req_id]
-        return RunnerOutput(req_ids=order, sampled_token_ids=sampled, logprobs=logprobs)
+        return RunnerOutput(req_ids=order, sampled_token_ids=sampled, logprobs=logprobs,
+                            grammar_finished=grammar_finished, grammar_failed=grammar_failed)
+
+    def _constrain(self, logits: torch.Tensor, states: list[CachedRequestState]) -> bool:
+        """Masks the constrained rows of `logits` [B, V] in place; False when none is."""
+        if not any(st.sampling_params.structured is not None for st in states):
+            return False
+        if self.grammar is None:
+            raise RuntimeError("a request has structured output but this runner has no grammar runtime")
+        self.grammar.apply(logits, states)
+        return True
 
     def _write_cross_kv(self, st: CachedRequestState) -> None:
         """Once per admission: the request's encoder rows → its cross-attention K/V blocks."""

@@ -63,8 +63,13 @@ def test_completion_logprobs_is_the_top_count():
 
 
 @pytest.mark.parametrize("kw, param, allowed", [
-    ({"temperature": -0.1}, "temperature", ">= 0"),
+    ({"temperature": -0.1}, "temperature", "[0, 2]"),
+    ({"temperature": 2.01}, "temperature", "[0, 2]"),
     ({"top_p": 0}, "top_p", "(0, 1]"),
+    ({"top_p": 1.01}, "top_p", "(0, 1]"),
+    ({"frequency_penalty": -2.5}, "frequency_penalty", "[-2, 2]"),
+    ({"presence_penalty": -3}, "presence_penalty", "[-2, 2]"),
+    ({"n": 129}, "n", "[1, 128]"),
     ({"min_p": 2}, "min_p", "[0, 1]"),
     ({"top_k": -5}, "top_k", "-1, 0"),
     ({"presence_penalty": 3}, "presence_penalty", "[-2, 2]"),
@@ -81,6 +86,13 @@ def test_out_of_range_values_are_400_naming_param_and_range(kw, param, allowed):
     with pytest.raises(APIError) as info:
         _build(_chat(**kw))
     assert info.value.status_code == 400 and info.value.param == param and allowed in info.value.message
+
+
+def test_openai_range_ends_are_accepted():
+    p = _build(_chat(temperature=2, top_p=1, presence_penalty=-2, frequency_penalty=2, n=128))
+    assert (p.temperature, p.top_p, p.presence_penalty, p.frequency_penalty, p.n) == (2, 1, -2, 2, 128)
+    # vLLM's own fields keep vLLM's ranges: repetition_penalty past 2 is allowed.
+    assert _build(_chat(repetition_penalty=3.0, top_k=-1)).repetition_penalty == 3.0
 
 
 def test_each_choice_gets_n_1_and_an_offset_seed():

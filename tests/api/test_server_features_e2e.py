@@ -131,9 +131,10 @@ def test_auth_and_error_statuses(base, client):
     assert r.status_code == 401 and r.json()["error"]["type"]
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="nope", messages=chat("x"))
-    with pytest.raises(openai.BadRequestError, match="tools"):
+    with pytest.raises(openai.BadRequestError, match="not in tools"):
         client.chat.completions.create(model="tiny", messages=chat("x"), tools=[
-            {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}])
+            {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+            tool_choice={"type": "function", "function": {"name": "g"}})
     with pytest.raises(openai.BadRequestError, match="2048"):
         client.chat.completions.create(model="tiny", messages=chat("word " * 5000))
     with pytest.raises(openai.BadRequestError, match="at most 4"):

@@ -36,11 +36,17 @@ def test_frames_are_sampled_at_video_fps():
     _assert_levels(video.frames, [0, 4, 8, 12])
 
 
+def test_fps_frame_counts_round_down_to_pairs_as_transformers_does():
+    video = decode_video(gray_clip(n=10, rate=4), DEFAULT)  # 2.5 s → 5 by fps → 4, spaced 2.5
+    assert video.timestamps.tolist() == pytest.approx([0.0, 0.5, 1.25, 1.75])
+    _assert_levels(video.frames, [0, 2, 5, 7])
+
+
 def test_odd_frame_count_is_padded_by_repeating_the_last_frame():
-    video = decode_video(gray_clip(n=10, rate=4), DEFAULT)  # 2.5 s → 5 samples → 6
-    assert len(video.frames) == 6
+    video = decode_video(gray_clip(n=1, rate=4), DEFAULT)  # one frame → a pair
+    assert len(video.frames) == 2
     assert np.array_equal(video.frames[-1], video.frames[-2])
-    assert video.timestamps[-1] == video.timestamps[-2] == pytest.approx(2.0)
+    assert video.timestamps[-1] == video.timestamps[-2] == pytest.approx(0.0)
 
 
 def test_frame_cap_spreads_samples_over_the_whole_video():

@@ -27,6 +27,7 @@ from vlmserve.api.routes.common import (
     make_usage,
     render_prompt,
 )
+from vlmserve.api.routes.chat_tools import structured_spec
 from vlmserve.api.sampling import build_sampling_params
 from vlmserve.engine.outputs import RequestOutput
 from vlmserve.engine.sampling_params import SamplingParams
@@ -58,11 +59,12 @@ async def create_completion(
 ) -> CompletionResponse | Response:
     check_request(body, engine)
     check_admission(request)
+    spec = await structured_spec(body)  # vLLM's structured_outputs / guided_* fields
     with intake.admit(body.n or 1, []) as ticket:  # counted from here until the response ends
         prompt = await render_prompt(engine.render_completion(single_prompt(body.prompt)), param="prompt")
         prompt_len = len(prompt.prompt_token_ids)
         params = build_sampling_params(body, defaults=engine.generation_defaults(), prompt_len=prompt_len,
-                                       max_model_len=engine.max_model_len)
+                                       max_model_len=engine.max_model_len, structured=spec)
         record_request_params(request, params)
         ctx = ResponseContext.new("cmpl", engine.model_name)
         outputs = generate_choices(engine, prompt, params, ctx.id)

@@ -9,6 +9,7 @@ URLs are returned in prompt order: the i-th `{"type": "image"}` is the i-th imag
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -21,7 +22,7 @@ from vlmserve.api.intake import media_memory_error
 from vlmserve.multimodal.budget import MediaHold, MediaMemoryExceeded
 from vlmserve.multimodal.media import MediaError, MediaLoader
 
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 
 
 @dataclass(frozen=True)
@@ -43,10 +44,21 @@ def to_hf_conversation(messages: list[ChatMessage]) -> tuple[list[dict[str, Any]
         where = f"messages[{i}]"
         role = _ROLES.get(msg.role)
         if role is None:
-            raise APIError(f"{where}: role {msg.role!r} is not supported (tool calling is not implemented); "
-                           "use system, user or assistant", param=f"{where}.role")
+            raise APIError(f"{where}: role {msg.role!r} is not supported; use system, user, assistant or tool",
+                           param=f"{where}.role")
         if msg.tool_calls:
-            raise APIError(f"{where}: tool_calls are not supported", param=f"{where}.tool_calls")
+            if role != "assistant":
+                raise APIError(f"{where}: only assistant messages carry tool_calls", param=f"{where}.tool_calls")
+            entry = {"role": "assistant", "content": msg.content if isinstance(msg.content, str) else "",
+                     "tool_calls": _tool_calls(msg.tool_calls, f"{where}.tool_calls")}
+            conversation.append(entry)
+            continue
+        if role == "tool":
+            text = msg.content if isinstance(msg.content, str) else "".join(
+                p.text for p in (msg.content or []) if isinstance(p, TextPart))
+            check_unicode(text, f"{where}.content")
+            conversation.append({"role": "tool", "content": text, "tool_call_id": msg.tool_call_id})
+            continue
         if msg.content is None:
             if role != "assistant":
                 raise APIError(f"{where}: content is required for role {msg.role!r}", param=f"{where}.content")
@@ -77,6 +89,24 @@ def to_hf_conversation(messages: list[ChatMessage]) -> tuple[list[dict[str, Any]
                 parts.append({"type": "video"})
         conversation.append({"role": role, "content": parts})
     return conversation, media
+
+
+def _tool_calls(calls: list[dict[str, Any]], where: str) -> list[dict[str, Any]]:
+    """OpenAI assistant tool_calls → the shape chat templates read: arguments as an object
+    when they are JSON (templates dump them with `tojson`), else the string as sent."""
+    out = []
+    for k, call in enumerate(calls):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise APIError(f"{where}[{k}].function.name must be a string", param=f"{where}[{k}].function")
+        arguments = fn.get("arguments", "{}")
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError:
+                pass
+        out.append({"id": call.get("id"), "type": "function", "function": {"name": fn["name"], "arguments": arguments}})
+    return out
 
 
 def _media_error(exc: MediaError, ref: MediaRef) -> APIError:

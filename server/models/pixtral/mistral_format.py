@@ -135,15 +135,51 @@ def install_image_encoder(
     mistral_tokenizer.instruct_tokenizer.image_encoder = _ImageEncoder(processor, *special_ids)
 
 
+def mistral_tool_call_id(call_id: str | None) -> str:
+    """Mistral tokenizers take only 9-character alphanumeric call ids: any other id (OpenAI's
+    `call_...`) maps to one by a hash, the same for the call and its result."""
+    import hashlib
+    import string
+
+    if call_id and len(call_id) == 9 and call_id.isalnum() and call_id.isascii():
+        return call_id
+    alphabet = string.ascii_letters + string.digits
+    n = int.from_bytes(hashlib.sha256((call_id or "").encode()).digest()[:8], "big")
+    out = []
+    for _ in range(9):
+        n, r = divmod(n, len(alphabet))
+        out.append(alphabet[r])
+    return "".join(out)
+
+
+def _tool_messages(msg: dict[str, Any]) -> Any:
+    import json
+
+    from mistral_common.protocol.instruct.messages import AssistantMessage, ToolMessage
+    from mistral_common.protocol.instruct.tool_calls import FunctionCall, ToolCall
+
+    if msg.get("role") == "tool":
+        return ToolMessage(content=msg.get("content") or "", tool_call_id=mistral_tool_call_id(msg.get("tool_call_id")))
+    calls = []
+    for c in msg["tool_calls"]:
+        args = c["function"]["arguments"]
+        calls.append(ToolCall(id=mistral_tool_call_id(c.get("id")), function=FunctionCall(
+            name=c["function"]["name"], arguments=args if isinstance(args, str) else json.dumps(args))))
+    return AssistantMessage(content=msg.get("content") or None, tool_calls=calls)
+
+
 def encode_chat(
     mistral_tokenizer: Any,
     conversation: list[dict[str, Any]],
     images: list[Image.Image],
     add_generation_prompt: bool,
+    tools: list[dict[str, Any]] | None = None,
 ) -> tuple[list[int], list[np.ndarray]]:
     """Prompt ids of an HF-style conversation by mistral-common's `encode_chat_completion` (with
     `install_image_encoder` done), and the images' pixel arrays in prompt order (mistral-common may move an image before the text of
-    its message). A final assistant message is continued (`prefix=True`)."""
+    its message). A final assistant message is continued (`prefix=True`). `tools` (OpenAI's
+    shape), assistant `tool_calls` and `tool` messages go through mistral-common's own tool
+    encoding ([AVAILABLE_TOOLS], [TOOL_CALLS], [TOOL_RESULTS])."""
     from mistral_common.protocol.instruct.chunk import ImageChunk, TextChunk
     from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
     from mistral_common.protocol.instruct.request import ChatCompletionRequest
@@ -152,6 +188,9 @@ def encode_chat(
     messages: list[Any] = []
     for i, msg in enumerate(conversation):
         role, content = msg.get("role"), msg.get("content")
+        if role == "tool" or msg.get("tool_calls"):
+            messages.append(_tool_messages(msg))
+            continue
         if isinstance(content, list):
             chunks: list[Any] = []
             for part in content:
@@ -173,11 +212,17 @@ def encode_chat(
             text = content if isinstance(content, str) else "".join(c.text for c in content)
             messages.append(AssistantMessage(content=text, prefix=last and not add_generation_prompt))
         else:
-            raise ValueError(f"messages[{i}]: role {role!r} is not supported; use system, user or assistant")
+            raise ValueError(f"messages[{i}]: role {role!r} is not supported; use system, user, assistant or tool")
     if remaining:
         raise ValueError(f"{len(images)} image(s) were given but the conversation has {len(images) - len(remaining)}")
 
     if not isinstance(mistral_tokenizer.instruct_tokenizer.image_encoder, _ImageEncoder):
         raise RuntimeError("call install_image_encoder before encode_chat")
-    tokenized = mistral_tokenizer.encode_chat_completion(ChatCompletionRequest(messages=messages))
+    from mistral_common.protocol.instruct.tool_calls import Function, Tool
+
+    mistral_tools = [Tool(function=Function(name=t["function"]["name"], description=t["function"].get("description", ""),
+                                            parameters=t["function"].get("parameters", {})))
+                     for t in tools or ()]
+    tokenized = mistral_tokenizer.encode_chat_completion(
+        ChatCompletionRequest(messages=messages, tools=mistral_tools or None))
     return list(tokenized.tokens), list(tokenized.images)

@@ -180,9 +180,11 @@ class PixtralProcessor:
     ) -> ProcessedPrompt:
         """`images` in the order of the image parts. Items come out in prompt order."""
         if self.mistral_format:
-            if chat_template_kwargs:
+            kwargs = dict(chat_template_kwargs or {})
+            tools = kwargs.pop("tools", None)  # the one kwarg mistral-common takes (the tool route sets it)
+            if kwargs:
                 raise ValueError("chat_template_kwargs do not apply to Mistral-format checkpoints (no chat template)")
-            ids, arrays = mistral_format.encode_chat(self._mistral, conversation, images, add_generation_prompt)
+            ids, arrays = mistral_format.encode_chat(self._mistral, conversation, images, add_generation_prompt, tools)
             items = self._items_from_layout(ids, [np.asarray(a) for a in arrays])
             return ProcessedPrompt(prompt_token_ids=ids, mm_items=items, prompt_text=None)
 

@@ -44,9 +44,10 @@ def test_strings_stay_strings_and_parts_become_hf_parts():
 
 
 @pytest.mark.parametrize("messages, param, words", [
-    ([{"role": "tool", "content": "x"}], "messages[0].role", "not supported"),
     ([{"role": "function", "content": "x", "name": "f"}], "messages[0].role", "not supported"),
-    ([{"role": "assistant", "content": "x", "tool_calls": [{"id": "1"}]}], "messages[0].tool_calls", "tool_calls"),
+    ([{"role": "assistant", "content": "x", "tool_calls": [{"id": "1"}]}], "messages[0].tool_calls[0].function",
+     "function.name"),
+    ([{"role": "user", "content": "x", "tool_calls": [{"id": "1"}]}], "messages[0].tool_calls", "only assistant"),
     ([{"role": "user", "content": None}], "messages[0].content", "required"),
     ([{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": ""}}]}],
      "messages[0].content[0].type", "'input_audio' is not supported"),
@@ -92,3 +93,15 @@ async def test_a_failed_load_cancels_the_others_and_names_the_part():
     assert info.value.message == "messages[0].content[1].image_url: cannot decode image: truncated PNG"
     assert info.value.param == "messages[0].content[1].image_url"
     assert loader.cancelled == ["slow"]
+
+
+def test_tool_history_becomes_template_tool_calls_with_object_arguments():
+    conv, refs = to_hf_conversation([ChatMessage(**m) for m in [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get", "arguments": '{"city":"Paris"}'}}]},
+        {"role": "tool", "content": "sunny", "tool_call_id": "call_1"},
+    ]])
+    assert conv[1] == {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get", "arguments": {"city": "Paris"}}}]}
+    assert conv[2] == {"role": "tool", "content": "sunny", "tool_call_id": "call_1"} and refs == []
