@@ -107,6 +107,8 @@ class EngineMetrics:
                                                    labels, buckets=_TOKEN_BUCKETS, registry=r).labels(model_name)
         self._success = Counter("vllm:request_success", "Finished requests by finish reason.",
                                 labels + ["finished_reason"], registry=r)
+        for reason in ("stop", "length", "abort", "tool_calls"):
+            self._success.labels(model_name, reason)  # every series exists from the start, at 0
         self._errors = Counter("vlmserve:request_errors", "Requests ended by a failed engine step.", labels,
                                registry=r).labels(model_name)
         r.register(_SnapshotCollector(model_name, snapshot))
