@@ -33,6 +33,7 @@ import torch
 
 from vlmserve.models.mllama.image_processor import MllamaImageProcessor, normalized_tiles
 from vlmserve.models.tokenizer import encode_prompt, load_tokenizer, render_chat
+from vlmserve.models.generation_defaults import sampling_defaults
 from vlmserve.multimodal.inputs import MultiModalItem, ProcessedPrompt
 
 IMAGE_TOKEN = "<|image|>"
@@ -149,18 +150,7 @@ class MllamaProcessor:
         return list(dict.fromkeys(int(i) for i in [*ids, self.tokenizer.eos_token_id] if i is not None))
 
     def generation_defaults(self) -> dict[str, Any]:
-        """As transformers: sampling only if `do_sample`; otherwise greedy."""
-        cfg = self.generation_config
-        out: dict[str, Any] = {}
-        if cfg.get("repetition_penalty") is not None:
-            out["repetition_penalty"] = float(cfg["repetition_penalty"])
-        if not cfg.get("do_sample", False):
-            out["temperature"] = 0.0
-            return out
-        for key, cast in (("temperature", float), ("top_p", float), ("top_k", int)):
-            if cfg.get(key) is not None:
-                out[key] = cast(cfg[key])
-        return out
+        return sampling_defaults(self.generation_config)
 
     def render_chat(
         self,

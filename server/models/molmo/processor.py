@@ -36,6 +36,7 @@ from PIL import Image
 from vlmserve.models.molmo.config import ADDITIONAL_VOCAB_SIZE
 from vlmserve.models.molmo.image_processor import MolmoImageProcessor
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from vlmserve.models.generation_defaults import sampling_defaults
 from vlmserve.multimodal.inputs import MultiModalItem, ProcessedPrompt
 
 IMAGE_TOKENS = {"im_start": "<im_start>", "im_end": "<im_end>", "im_patch": "<im_patch>", "im_col": "<im_col>",
@@ -121,17 +122,7 @@ class MolmoProcessor:
         return list(dict.fromkeys(int(i) for i in ids if i is not None))
 
     def generation_defaults(self) -> dict[str, Any]:
-        cfg = self.generation_config
-        out: dict[str, Any] = {}
-        if cfg.get("repetition_penalty") is not None:
-            out["repetition_penalty"] = float(cfg["repetition_penalty"])
-        if not cfg.get("do_sample", False):
-            out["temperature"] = 0.0
-            return out
-        for key, cast in (("temperature", float), ("top_p", float), ("top_k", int)):
-            if cfg.get(key) is not None:
-                out[key] = cast(cfg[key])
-        return out
+        return sampling_defaults(self.generation_config)
 
     def render_chat(
         self,

@@ -38,6 +38,7 @@ from PIL import Image
 from vlmserve.models.nvlm_d.config import NVLMDModelConfig
 from vlmserve.models.nvlm_d.image_processor import NVLMDImageProcessor
 from vlmserve.models.tokenizer import encode_prompt, load_tokenizer
+from vlmserve.models.generation_defaults import sampling_defaults
 from vlmserve.multimodal.inputs import MultiModalItem, ProcessedPrompt
 
 IMAGE_MARK = "<image>"
@@ -166,20 +167,7 @@ class NVLMDProcessor:
         return list(dict.fromkeys(int(i) for i in ids if i is not None))
 
     def generation_defaults(self) -> dict[str, Any]:
-        """Sampling defaults named as in SamplingParams: generation_config.json's where the
-        checkpoint has one (as in transformers, greedy unless `do_sample`), else the model
-        card's `generation_config` (do_sample=False: greedy)."""
-        cfg = self.generation_config
-        out: dict[str, Any] = {}
-        if cfg.get("repetition_penalty") is not None:
-            out["repetition_penalty"] = float(cfg["repetition_penalty"])
-        if not cfg.get("do_sample", False):
-            out["temperature"] = 0.0
-            return out
-        for key, cast in (("temperature", float), ("top_p", float), ("top_k", int)):
-            if cfg.get(key) is not None:
-                out[key] = cast(cfg[key])
-        return out
+        return sampling_defaults(self.generation_config)
 
     def render_chat(
         self,

@@ -28,6 +28,7 @@ from vlmserve.models.pixtral import mistral_format
 from vlmserve.models.layers.pixels import uint8_tensor
 from vlmserve.models.pixtral.image_processor import PixtralImageProcessor, mistral_resize_normalize
 from vlmserve.models.tokenizer import encode_prompt, load_tokenizer, render_chat
+from vlmserve.models.generation_defaults import sampling_defaults
 from vlmserve.multimodal.inputs import MultiModalItem, ProcessedPrompt
 
 
@@ -155,21 +156,8 @@ class PixtralProcessor:
         return list(dict.fromkeys(int(i) for i in ids if i is not None))
 
     def generation_defaults(self) -> dict[str, Any]:
-        """Sampling defaults named as in SamplingParams, from generation_config.json (HF format; as
-        in transformers, greedy unless `do_sample`). The Mistral format ships none: {}."""
-        cfg = self.generation_config
-        if self.mistral_format:
-            return {}
-        out: dict[str, Any] = {}
-        if cfg.get("repetition_penalty") is not None:
-            out["repetition_penalty"] = float(cfg["repetition_penalty"])
-        if not cfg.get("do_sample", False):
-            out["temperature"] = 0.0
-            return out
-        for key, cast in (("temperature", float), ("top_p", float), ("top_k", int)):
-            if cfg.get(key) is not None:
-                out[key] = cast(cfg[key])
-        return out
+        """From generation_config.json (HF format); the Mistral format ships none: {}."""
+        return {} if self.mistral_format else sampling_defaults(self.generation_config)
 
     def render_chat(
         self,

@@ -39,6 +39,7 @@ from vlmserve.kernels import reference
 from vlmserve.models.qwen2_vl.image_processor import Qwen2VLImageProcessor, uint8_tensor
 from vlmserve.models.qwen2_vl.video_processor import Qwen2VLVideoProcessor, read_video_preprocessor_config
 from vlmserve.models.tokenizer import encode_prompt, load_tokenizer, render_chat
+from vlmserve.models.generation_defaults import sampling_defaults
 from vlmserve.multimodal.inputs import MultiModalItem, ProcessedPrompt
 
 _TOKEN_ID_KEYS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
@@ -172,22 +173,7 @@ class Qwen2VLProcessor:
         return list(dict.fromkeys(int(i) for i in ids if i is not None))
 
     def generation_defaults(self) -> dict[str, Any]:
-        """Sampling defaults named as in SamplingParams. As in transformers, sampling is off unless
-        `do_sample` is true: then the defaults are greedy (temperature 0)."""
-        cfg = self.generation_config
-        out: dict[str, Any] = {}
-        if cfg.get("repetition_penalty") is not None:
-            out["repetition_penalty"] = float(cfg["repetition_penalty"])
-        if not cfg.get("do_sample", False):
-            out["temperature"] = 0.0
-            return out
-        if cfg.get("temperature") is not None:
-            out["temperature"] = float(cfg["temperature"])
-        if cfg.get("top_p") is not None:
-            out["top_p"] = float(cfg["top_p"])
-        if cfg.get("top_k") is not None:
-            out["top_k"] = int(cfg["top_k"])
-        return out
+        return sampling_defaults(self.generation_config)
 
     def render_chat(
         self,
